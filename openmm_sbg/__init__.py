@@ -1,0 +1,31 @@
+"""openmm-sbg: Sequential Boltzmann Generators for OpenMM.
+
+Public names are imported lazily so that ``import openmm_sbg`` stays fast and a command
+that needs only OpenMM does not pay for torch model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BoltzmannTarget": ("openmm_sbg.target", "BoltzmannTarget"),
+    "TarFlow": ("openmm_sbg.flow", "TarFlow"),
+    "SMCSampler": ("openmm_sbg.smc", "SMCSampler"),
+    "SMCResult": ("openmm_sbg.smc", "SMCResult"),
+    "systems": ("openmm_sbg.systems", None),
+    "metrics": ("openmm_sbg.metrics", None),
+    "data": ("openmm_sbg.data", None),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'openmm_sbg' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
