@@ -17,6 +17,17 @@ _KJ_PER_MOL = unit.kilojoule_per_mole
 _KJ_PER_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
 
 
+def platform_by_name(name: str | None) -> openmm.Platform | None:
+    """The OpenMM platform called ``name`` (``None`` stays ``None``: OpenMM picks the fastest)."""
+    if name is None:
+        return None
+    try:
+        return openmm.Platform.getPlatformByName(name)
+    except Exception as err:  # OpenMMException has no stable subclass to catch
+        available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+        raise ValueError(f"OpenMM platform {name!r} is not available here; choose one of {available}") from err
+
+
 def make_context(system: openmm.System, platform: str | None = None) -> openmm.Context:
     """A Context for energy evaluation only (the integrator never steps).
 
@@ -24,14 +35,8 @@ def make_context(system: openmm.System, platform: str | None = None) -> openmm.C
     as ``openmm.Context`` does.
     """
     integrator = openmm.VerletIntegrator(1.0 * unit.femtosecond)
-    if platform is None:
-        return openmm.Context(system, integrator)
-    try:
-        plat = openmm.Platform.getPlatformByName(platform)
-    except Exception as err:  # OpenMMException has no stable subclass to catch
-        available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-        raise ValueError(f"OpenMM platform {platform!r} is not available here; choose one of {available}") from err
-    return openmm.Context(system, integrator, plat)
+    plat = platform_by_name(platform)
+    return openmm.Context(system, integrator) if plat is None else openmm.Context(system, integrator, plat)
 
 
 class OpenMMBackend(EnergyBackend):
