@@ -1,0 +1,1 @@
+"""Subcommands of the ``openmm-sbg`` command line (see :mod:`openmm_sbg.cli`)."""

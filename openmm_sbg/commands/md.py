@@ -1,0 +1,45 @@
+"""``openmm-sbg md``: OpenMM Langevin dynamics to make training and reference data."""
+
+from __future__ import annotations
+
+import argparse
+
+from openmm_sbg.commands.common import add_system_arguments, target_from_args
+
+HELP = "run OpenMM MD (resumable) and write frames, energies and train/val/test splits"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_system_arguments(parser)
+    parser.add_argument("--ns", type=float, required=True, help="simulated time to record, in ns")
+    parser.add_argument("--out", required=True, help="output trajectory (.h5, .dcd or .xtc)")
+    parser.add_argument("--frame-interval-ps", type=float, default=0.5, help="time between saved frames (ps)")
+    parser.add_argument("--timestep-fs", type=float, default=1.0, help="integration timestep (fs); unconstrained: keep 1")
+    parser.add_argument("--friction", type=float, default=1.0, help="Langevin friction (1/ps)")
+    parser.add_argument("--equilibration-ps", type=float, default=10.0, help="unrecorded equilibration (ps)")
+    parser.add_argument("--checkpoint-frames", type=int, default=200, help="frames between checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                        help="fractions of contiguous time blocks (default 0.8 0.1 0.1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from openmm_sbg.md import MDConfig, run_md
+
+    target = target_from_args(args)
+    steps_per_frame = round(args.frame_interval_ps * 1000 / args.timestep_fs)
+    n_frames = round(args.ns * 1000 / args.frame_interval_ps)
+    if steps_per_frame < 1 or n_frames < 1:
+        raise ValueError("--ns and --frame-interval-ps give no frames; raise --ns or lower --frame-interval-ps")
+    config = MDConfig(
+        n_frames=n_frames,
+        steps_per_frame=steps_per_frame,
+        timestep_fs=args.timestep_fs,
+        friction_per_ps=args.friction,
+        equilibration_steps=round(args.equilibration_ps * 1000 / args.timestep_fs),
+        frames_per_checkpoint=args.checkpoint_frames,
+        seed=args.seed,
+        split_fractions=tuple(args.split),
+    )
+    return run_md(target, args.out, config, platform=args.platform, progress=not args.no_progress)

@@ -1,0 +1,91 @@
+"""Load MD data into ``[T, N, 3]`` arrays in nm, checked against a target's atoms.
+
+Reads files written by ``openmm-sbg md`` (with their per-frame ``split`` codes and
+``energies_kT``) and any trajectory mdtraj reads (DCD, XTC, HDF5, PDB, ...), given a topology.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import mdtraj
+import numpy as np
+
+from openmm_sbg.md import HDF5_EXTENSIONS, SPLIT_CODES
+
+
+def _check_exists(path) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"trajectory file {path!r} does not exist")
+    return path
+
+
+def read_metadata(path) -> dict:
+    """Per-frame ``split`` codes and ``energies_kT`` stored with an ``openmm-sbg md`` file ({} if none)."""
+    path = _check_exists(path)
+    if os.path.splitext(path)[1].lower() in HDF5_EXTENSIONS:
+        with h5py.File(path, "r") as handle:
+            return {key: handle[key][()] for key in ("split", "energies_kT") if key in handle}
+    sidecar = path + ".meta.npz"
+    if os.path.exists(sidecar):
+        with np.load(sidecar) as meta:
+            return {key: meta[key] for key in ("split", "energies_kT") if key in meta}
+    return {}
+
+
+def load_trajectory(path, target=None, top=None, split: str | None = None) -> mdtraj.Trajectory:
+    """An mdtraj Trajectory of ``path``, optionally one split of it, checked against ``target``.
+
+    Parameters
+    ----------
+    path
+        Any trajectory mdtraj reads. HDF5 carries its own topology; DCD/XTC need ``top`` or
+        ``target`` (whose topology is used).
+    target
+        A :class:`~openmm_sbg.target.BoltzmannTarget`; the trajectory's atoms must match it.
+    top
+        A topology file or mdtraj Topology for formats without one.
+    split
+        ``"train"``, ``"val"``, ``"test"`` or ``None`` (all frames). Needs split codes from
+        ``openmm-sbg md``.
+    """
+    path = _check_exists(path)
+    kwargs = {}
+    if os.path.splitext(path)[1].lower() not in HDF5_EXTENSIONS + (".pdb",):
+        if top is None and target is None:
+            raise ValueError(f"{path} has no topology; pass top=PDB_FILE or target=...")
+        kwargs["top"] = top if top is not None else mdtraj.Topology.from_openmm(target.topology)
+    traj = mdtraj.load(path, **kwargs)
+    if target is not None:
+        check_atoms_match(traj.topology, target)
+    if split is not None:
+        if split not in SPLIT_CODES:
+            raise ValueError(f"split must be one of {list(SPLIT_CODES)} or None, got {split!r}")
+        meta = read_metadata(path)
+        if "split" not in meta:
+            raise ValueError(f"{path} has no train/val/test split; it was not written by `openmm-sbg md`. Use split=None")
+        traj = traj[np.flatnonzero(meta["split"] == SPLIT_CODES[split])]
+    return traj
+
+
+def load_positions(path, target=None, top=None, split: str | None = None) -> np.ndarray:
+    """Positions ``[T, N, 3]`` (float32, nm) of a trajectory; see :func:`load_trajectory`."""
+    return load_trajectory(path, target=target, top=top, split=split).xyz
+
+
+def check_atoms_match(topology: mdtraj.Topology, target) -> None:
+    """Raise ValueError unless ``topology`` has the target's atoms (count, elements, names) in order."""
+    expected = mdtraj.Topology.from_openmm(target.topology)
+    if topology.n_atoms != expected.n_atoms:
+        raise ValueError(
+            f"the trajectory has {topology.n_atoms} atoms but the target {target.name or ''} has "
+            f"{expected.n_atoms}; it belongs to another molecule"
+        )
+    for got, want in zip(topology.atoms, expected.atoms):
+        if got.element != want.element or got.name != want.name:
+            raise ValueError(
+                f"atom {want.index} is {got} in the trajectory but {want} in the target; "
+                "atoms must be the same and in the same order (build both from the same PDB)"
+            )
