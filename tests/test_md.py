@@ -1,0 +1,80 @@
+"""openmm-sbg md: resumable runs, splits, and loading the data back."""
+
+import h5py
+import numpy as np
+import pytest
+
+from openmm_sbg.cli import main
+from openmm_sbg.data import load_positions, load_trajectory, read_metadata
+from openmm_sbg.md import MDConfig, run_md, split_labels
+
+CONFIG = MDConfig(n_frames=24, steps_per_frame=20, equilibration_steps=50, frames_per_checkpoint=5, seed=3)
+
+
+def test_interrupted_run_resumes_to_the_same_frames(ad2, tmp_path):
+    whole, resumed = str(tmp_path / "whole.h5"), str(tmp_path / "resumed.h5")
+    run_md(ad2, whole, CONFIG, platform="Reference", progress=False)
+    stopped = run_md(ad2, resumed, CONFIG, platform="Reference", progress=False, stop_after_frames=7)
+    assert stopped["status"] == "interrupted" and not (tmp_path / "resumed.h5").exists()
+    summary = run_md(ad2, resumed, CONFIG, platform="Reference", progress=False)
+    assert summary["frames"] == 24
+    a, b = load_positions(whole, ad2), load_positions(resumed, ad2)
+    assert a.shape == b.shape == (24, 22, 3)
+    np.testing.assert_array_equal(a, b)  # the checkpoint carries the integrator's random state
+    assert not (tmp_path / "resumed.h5.work").exists()
+
+
+def test_resume_with_other_settings_is_refused(ad2, tmp_path):
+    out = str(tmp_path / "md.h5")
+    run_md(ad2, out, CONFIG, platform="Reference", progress=False, stop_after_frames=5)
+    other = MDConfig(n_frames=24, steps_per_frame=40, equilibration_steps=50, frames_per_checkpoint=5)
+    with pytest.raises(ValueError, match="delete that folder"):
+        run_md(ad2, out, other, platform="Reference", progress=False)
+
+
+def test_output_has_energies_splits_and_loads_by_split(ad2, tmp_path):
+    out = str(tmp_path / "md.h5")
+    run_md(ad2, out, CONFIG, platform="Reference", progress=False)
+    meta = read_metadata(out)
+    np.testing.assert_array_equal(meta["split"], split_labels(24))
+    x = load_positions(out, ad2)
+    np.testing.assert_allclose(meta["energies_kT"][:3], ad2.energy(x[:3]).numpy(), rtol=1e-4)
+    sizes = [len(load_positions(out, ad2, split=s)) for s in ("train", "val", "test")]
+    assert sizes == [19, 3, 2] and sum(sizes) == 24
+    with h5py.File(out) as handle:
+        assert handle.attrs["system"] == "ad2"
+
+
+def test_dcd_output_keeps_metadata_beside_it(ad2, tmp_path):
+    out = str(tmp_path / "md.dcd")
+    run_md(ad2, out, CONFIG, platform="Reference", progress=False)
+    assert load_trajectory(out, target=ad2, split="test").n_frames == 2
+    with pytest.raises(ValueError, match="no topology"):
+        load_trajectory(out)
+
+
+def test_split_labels_are_contiguous_time_blocks():
+    labels = split_labels(10, (0.6, 0.2, 0.2))
+    assert labels.tolist() == [0] * 6 + [1] * 2 + [2] * 2
+
+
+def test_loading_checks_atoms_and_files(get_target, ad2, tmp_path):
+    out = str(tmp_path / "md.h5")
+    run_md(ad2, out, MDConfig(n_frames=2, steps_per_frame=5, equilibration_steps=0), platform="Reference", progress=False)
+    with pytest.raises(ValueError, match="another molecule"):
+        load_positions(out, get_target("al3"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_positions(tmp_path / "nothing.h5")
+
+
+def test_md_command_writes_file_and_summary(tmp_path, capsys):
+    out, summary = tmp_path / "md.h5", tmp_path / "md.json"
+    code = main(["md", "ad2", "--ns", "0.002", "--frame-interval-ps", "0.1", "--equilibration-ps", "0.01",
+                 "--platform", "Reference", "--out", str(out), "--summary", str(summary), "--no-progress"])
+    assert code == 0 and out.exists() and summary.exists()
+    assert '"frames": 20' in capsys.readouterr().out
+
+
+def test_md_command_reports_bad_input_without_traceback(tmp_path, capsys):
+    code = main(["md", "--pdb", str(tmp_path / "missing.pdb"), "--ns", "1", "--out", str(tmp_path / "x.h5")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
