@@ -1,0 +1,149 @@
+"""Proposals: the flow's samples and their energy ``E_S``, with the centre-of-mass adjustment.
+
+A proposal is any object with ``sample(n, generator=None) -> (x [n, N, 3] nm, log_q [n])``,
+``log_prob(x) -> [B]``, ``energy(x) = -log_prob(x)`` (differentiable in ``x``), ``n_atoms``
+and ``com_std``; :class:`~openmm_sbg.flow.TarFlow` is one and :class:`GaussianProposal`
+another.
+
+Centre of mass. The flow is trained on centred configurations plus CoM noise
+``c ~ N(0, com_std^2 I)``, so its samples carry a random CoM that the (translation
+invariant) target does not care about. ``E_S = -log q(x) + log rho(c)`` removes it from the
+weights, with ``c`` the *unweighted* mean of the atom positions (the flow trainer subtracts
+that mean, not the mass-weighted one) and ``rho`` one of
+
+- ``"chi3"`` (the paper, default): the chi distribution with 3 degrees of freedom of
+  ``|c|``, scale ``com_std``;
+- ``"gaussian"``: the density ``N(c; 0, com_std^2 I)`` of the CoM itself; it cancels the
+  flow's CoM factor exactly, so ``E_S`` is translation invariant like ``E_T``;
+- ``"none"``: ``E_S = -log q(x)``, for proposals whose CoM is part of the target.
+
+Either adjustment leaves the weighted distribution of the internal coordinates exact; the
+estimated ``log Z`` is then that of ``exp(-E_T(x)) rho(c(x))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+COM_ADJUSTMENTS = ("chi3", "gaussian", "none")
+
+
+class Proposal(Protocol):
+    """What :class:`~openmm_sbg.smc.SMCSampler` needs from a flow."""
+
+    n_atoms: int
+    com_std: float | None
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def com_log_density(x: torch.Tensor, com_std: float | None, kind: str = "chi3") -> torch.Tensor:
+    """``log rho(c)`` per configuration, ``c`` the unweighted mean of the positions ``x [B, N, 3]``.
+
+    See the module docstring for ``kind``. Differentiable in ``x``.
+    """
+    if kind not in COM_ADJUSTMENTS:
+        raise ValueError(f"com_adjustment must be one of {COM_ADJUSTMENTS}, got {kind!r}")
+    if kind == "none":
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if not com_std or com_std <= 0:
+        raise ValueError(
+            f"the CoM adjustment {kind!r} needs the flow's CoM-noise std (flow.com_std > 0), got {com_std!r}; "
+            "pass com_adjustment='none' for a proposal without CoM noise"
+        )
+    r2 = x.mean(dim=1).square().sum(-1)
+    gaussian = -1.5 * math.log(2 * math.pi * com_std**2) - r2 / (2 * com_std**2)
+    if kind == "gaussian":
+        return gaussian
+    # chi_3(r; s) = 4 pi r^2 N(c; 0, s^2 I): the density of |c| rather than of c.
+    return gaussian + math.log(4 * math.pi) + torch.log(r2)
+
+
+def module_dtype_device(module) -> tuple[torch.dtype, torch.device]:
+    """Dtype and device of a torch module's first parameter or buffer (float64 on CPU otherwise)."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype, tensor.device
+    return torch.float64, torch.device("cpu")
+
+
+def source_energy(
+    flow: Proposal, x: torch.Tensor, com_adjustment: str = "chi3", need_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``E_S(x) = -log q(x) + log rho(c)`` in kT and, if ``need_grad``, its gradient in kT/nm.
+
+    ``x`` is float64 on the CPU; the flow runs in its own dtype and device and the results
+    come back as float64 on the CPU.
+    """
+    dtype, device = module_dtype_device(flow)
+    com_std = getattr(flow, "com_std", None)
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        x_flow = x.detach().to(dtype=dtype, device=device).requires_grad_(need_grad)
+        energy = flow.energy(x_flow) + com_log_density(x_flow, com_std, com_adjustment)
+        grad = torch.autograd.grad(energy.sum(), x_flow)[0] if need_grad else None
+    energy = energy.detach().to(dtype=torch.float64, device="cpu")
+    if grad is not None:
+        grad = grad.to(dtype=torch.float64, device="cpu")
+    return energy, grad
+
+
+def draw_proposals(flow: Proposal, n: int, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` samples of the flow, drawn ``batch_size`` at a time, as float64 on the CPU."""
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            x, _ = flow.sample(min(batch_size, n - start), generator=generator)
+            chunks.append(x.detach().to(dtype=torch.float64, device="cpu"))
+    return torch.cat(chunks)
+
+
+class GaussianProposal(torch.nn.Module):
+    """A Gaussian proposal ``N(mean, diag(std^2))`` over configurations ``[N, 3]`` in nm.
+
+    A stand-in for a trained flow (tests, baselines such as "sample around the minimised
+    structure"), implementing the same protocol.
+
+    Parameters
+    ----------
+    mean
+        ``[N, 3]`` mean configuration in nm.
+    std
+        Standard deviation in nm: a number or an ``[N, 3]`` array.
+    com_std
+        The std of the proposal's centre of mass per coordinate, used by the CoM
+        adjustment; defaults to the exact value for a scalar ``std``, ``std / sqrt(N)``.
+    """
+
+    def __init__(self, mean, std, com_std: float | None = None):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float64)
+        if mean.ndim != 2 or mean.shape[1] != 3:
+            raise ValueError(f"mean must have shape [n_atoms, 3], got {tuple(mean.shape)}")
+        std = torch.as_tensor(std, dtype=torch.float64).expand_as(mean).clone()
+        if (std <= 0).any():
+            raise ValueError("std must be positive")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.n_atoms = mean.shape[0]
+        # CoM variance per coordinate: sum_i std_i^2 / N^2 (exact when std is isotropic).
+        self.com_std = float(std.square().mean().sqrt() / math.sqrt(self.n_atoms)) if com_std is None else com_std
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn((n, *self.mean.shape), dtype=self.mean.dtype, generator=generator)
+        x = self.mean + self.std * noise
+        return x, self.log_prob(x)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean) / self.std
+        return (-0.5 * z.square() - self.std.log() - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.log_prob(x)

@@ -1,0 +1,53 @@
+"""Resampling: draw particle indices in proportion to their weights.
+
+Each scheme maps ``(log_weights [K], n, generator) -> indices [n]`` and is unbiased: the
+expected number of copies of particle ``i`` is ``n W_i``. Systematic resampling has lower
+variance than multinomial and is the default.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Resampler = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
+
+
+def _probabilities(log_weights: torch.Tensor) -> torch.Tensor:
+    log_weights = log_weights.to(torch.float64)
+    if not torch.isfinite(log_weights).any():
+        raise RuntimeError(
+            "every particle has zero weight (non-finite energies or all filtered out); "
+            "check the flow and target match, raise the energy cutoff, or use more particles"
+        )
+    log_weights = torch.where(torch.isnan(log_weights), torch.full_like(log_weights, -torch.inf), log_weights)
+    return torch.softmax(log_weights, 0)
+
+
+def multinomial(log_weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` independent draws from the categorical distribution of the weights."""
+    return torch.multinomial(_probabilities(log_weights), n, replacement=True, generator=generator)
+
+
+def systematic(log_weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Systematic resampling: one uniform offset, ``n`` evenly spaced points on the CDF."""
+    probabilities = _probabilities(log_weights)
+    cdf = torch.cumsum(probabilities, 0)
+    cdf[-1] = 1.0  # rounding must not leave the last points beyond the end of the CDF
+    points = (torch.rand((), dtype=torch.float64, generator=generator) + torch.arange(n, dtype=torch.float64)) / n
+    indices = torch.searchsorted(cdf, points, right=True)
+    return indices.clamp_(max=len(probabilities) - 1)
+
+
+RESAMPLERS: dict[str, Resampler] = {"systematic": systematic, "multinomial": multinomial}
+
+
+def get_resampler(resampling: str | Resampler) -> Resampler:
+    """A resampling function from its name (``"systematic"``, ``"multinomial"``) or itself."""
+    if callable(resampling):
+        return resampling
+    try:
+        return RESAMPLERS[resampling]
+    except KeyError:
+        raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)} or a function, got {resampling!r}") from None
