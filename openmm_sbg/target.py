@@ -74,7 +74,8 @@ class BoltzmannTarget:
     name
         Optional identifier (built-in systems use their name, e.g. ``"ad2"``).
     backend
-        ``"auto"`` (default: the fastest backend that supports every force), ``"openmm"``,
+        ``"auto"`` (default: the batched torch force field if it supports every force, else
+        OpenMM with a notice), ``"torch"``, ``"openmm"``,
         or an :class:`~openmm_sbg.energy.EnergyBackend` instance.
     platform
         OpenMM platform for the OpenMM backend (``None``: OpenMM's choice).
@@ -112,11 +113,20 @@ class BoltzmannTarget:
     def _make_backend(self, backend, platform) -> EnergyBackend:
         if isinstance(backend, EnergyBackend):
             return backend
-        from openmm_sbg.energy import OpenMMBackend
+        from openmm_sbg.energy import OpenMMBackend, TorchForceField, UnsupportedForceError
 
-        if backend in ("auto", "openmm"):
+        if backend == "torch":
+            return TorchForceField(self.system)
+        if backend == "auto":
+            try:
+                return TorchForceField(self.system)
+            except UnsupportedForceError as err:
+                fallback = OpenMMBackend(self.system, platform)
+                _notice(f"{err}; using {fallback.name} (one configuration at a time, slower)")
+                return fallback
+        if backend == "openmm":
             return OpenMMBackend(self.system, platform)
-        raise ValueError(f"backend must be 'auto', 'openmm' or an EnergyBackend instance, got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'torch', 'openmm' or an EnergyBackend instance, got {backend!r}")
 
     # ------------------------------------------------------------------ energies
     def energy_and_forces(self, x, allow_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,15 +28,19 @@ def platform_by_name(name: str | None) -> openmm.Platform | None:
         raise ValueError(f"OpenMM platform {name!r} is not available here; choose one of {available}") from err
 
 
-def make_context(system: openmm.System, platform: str | None = None) -> openmm.Context:
+def make_context(
+    system: openmm.System, platform: str | None = None, properties: dict[str, str] | None = None
+) -> openmm.Context:
     """A Context for energy evaluation only (the integrator never steps).
 
     ``platform`` is an OpenMM platform name; ``None`` lets OpenMM pick the fastest one,
-    as ``openmm.Context`` does.
+    as ``openmm.Context`` does. ``properties`` are platform properties, e.g. ``{"Threads": "1"}``.
     """
     integrator = openmm.VerletIntegrator(1.0 * unit.femtosecond)
     plat = platform_by_name(platform)
-    return openmm.Context(system, integrator) if plat is None else openmm.Context(system, integrator, plat)
+    if plat is None:
+        return openmm.Context(system, integrator)
+    return openmm.Context(system, integrator, plat, properties or {})
 
 
 class OpenMMBackend(EnergyBackend):
@@ -51,17 +55,25 @@ class OpenMMBackend(EnergyBackend):
         for OpenMM's default choice.
     groups
         Optional set of force groups to evaluate, as in ``Context.getState(groups=...)``.
+    properties
+        Optional platform properties, e.g. ``{"Threads": "1"}`` for the CPU platform.
     """
 
-    def __init__(self, system: openmm.System, platform: str | None = None, groups: set[int] | None = None):
-        self.context = make_context(system, platform)
+    def __init__(
+        self,
+        system: openmm.System,
+        platform: str | None = None,
+        groups: set[int] | None = None,
+        properties: dict[str, str] | None = None,
+    ):
+        self.context = make_context(system, platform, properties)
         self.platform = self.context.getPlatform().getName()
         self.name = f"openmm-{self.platform}"
         self._groups = -1 if groups is None else sum(1 << g for g in groups)
         self.n_atoms = system.getNumParticles()
 
-    def _evaluate(self, x: torch.Tensor, forces: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        xs = x.detach().to("cpu", torch.float64).numpy()
+    def evaluate_numpy(self, xs: np.ndarray, forces: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Energies ``[B]`` (kJ/mol) and, if ``forces``, forces ``[B, N, 3]`` for float64 positions in nm."""
         energies = np.empty(xs.shape[0])
         force_out = np.empty_like(xs) if forces else None
         for i, xi in enumerate(xs):
@@ -70,6 +82,10 @@ class OpenMMBackend(EnergyBackend):
             energies[i] = state.getPotentialEnergy().value_in_unit(_KJ_PER_MOL)
             if forces:
                 force_out[i] = state.getForces(asNumpy=True).value_in_unit(_KJ_PER_MOL_NM)
+        return energies, force_out
+
+    def _evaluate(self, x: torch.Tensor, forces: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        energies, force_out = self.evaluate_numpy(x.detach().to("cpu", torch.float64).numpy(), forces)
         energy_t = torch.from_numpy(energies).to(device=x.device, dtype=x.dtype)
         force_t = None if force_out is None else torch.from_numpy(force_out).to(device=x.device, dtype=x.dtype)
         return energy_t, force_t
