@@ -18,7 +18,7 @@ Example
 
 from openmm_sbg.smc.driver import DEFAULT_STEP_SIZE, SMCSampler
 from openmm_sbg.smc.kernels import KernelInfo, PathState, adapt_step_size, mala_step, ula_step
-from openmm_sbg.smc.proposal import GaussianProposal, com_log_density, source_energy
+from openmm_sbg.smc.proposal import GaussianProposal, com_energy, com_log_density, source_energy
 from openmm_sbg.smc.resampling import multinomial, systematic
 from openmm_sbg.smc.result import SMCResult
 from openmm_sbg.smc.schedules import AdaptiveSchedule, FixedSchedule, linear_schedule
@@ -40,6 +40,7 @@ __all__ = [
     "ula_step",
     "mala_step",
     "adapt_step_size",
+    "com_energy",
     "com_log_density",
     "source_energy",
     "multinomial",

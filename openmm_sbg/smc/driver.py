@@ -13,7 +13,14 @@ from tqdm.auto import tqdm
 
 from openmm_sbg.io import atomic_path
 from openmm_sbg.smc.kernels import Kernel, PathState, adapt_step_size, get_kernel, ula_step
-from openmm_sbg.smc.proposal import COM_ADJUSTMENTS, Proposal, draw_proposals, module_dtype_device, source_energy
+from openmm_sbg.smc.proposal import (
+    COM_ADJUSTMENTS,
+    Proposal,
+    com_energy,
+    draw_proposals,
+    module_dtype_device,
+    source_energy,
+)
 from openmm_sbg.smc.resampling import Resampler, get_resampler
 from openmm_sbg.smc.result import SMCResult
 from openmm_sbg.smc.schedules import Schedule, get_schedule
@@ -171,19 +178,30 @@ class SMCSampler:
 
     # ------------------------------------------------------------------ energies
     def potential(self, x: torch.Tensor, need_grad: bool = True) -> PathState:
-        """Source and target energies (kT) and gradients (kT/nm) of ``x [B, N, 3]``, in batches."""
+        """Path end energies (kT) and gradients (kT/nm) of ``x [B, N, 3]``, in batches.
+
+        ``e_source = -log q(x)``; ``e_target = E_T(x) - log rho(c)``, the force field plus
+        the CoM term (see :mod:`openmm_sbg.smc.proposal`); :meth:`physical_energy` removes it.
+        """
         parts = []
+        com_std = getattr(self.flow, "com_std", None)
         for start in range(0, len(x), self.batch_size):
             chunk = x[start : start + self.batch_size]
-            e_source, grad_source = source_energy(self.flow, chunk, self.com_adjustment, need_grad)
+            e_source, grad_source = source_energy(self.flow, chunk, need_grad)
+            e_com, grad_com = com_energy(chunk, com_std, self.com_adjustment, need_grad)
             if need_grad:
                 e_target, forces = self.target.energy_and_forces(chunk, allow_nonfinite=True)
-                grad_target = -forces.to(torch.float64)
+                grad_target = grad_com - forces.to(torch.float64)
             else:
                 e_target = self.target.energy(chunk, allow_nonfinite=True)
                 grad_source = grad_target = torch.zeros_like(chunk)
-            parts.append(PathState(chunk, e_source, e_target.to(torch.float64), grad_source, grad_target))
+            parts.append(PathState(chunk, e_source, e_target.to(torch.float64) + e_com, grad_source, grad_target))
         return PathState.cat(parts)
+
+    def physical_energy(self, state: PathState) -> torch.Tensor:
+        """The force-field energy ``E_T`` (kT) of the particles, without the CoM term."""
+        e_com, _ = com_energy(state.x, getattr(self.flow, "com_std", None), self.com_adjustment, need_grad=False)
+        return state.e_target - e_com
 
     # ------------------------------------------------------------------ run
     def run(self, seed: int = 0, resume: bool = False) -> SMCResult:
@@ -240,7 +258,7 @@ class SMCSampler:
         state = self.potential(x, need_grad=self.schedule is not None)
         # The filters judge proposals by their importance weights exp(E_S - E_T).
         log_w = jarzynski_increment(state.e_source, state.e_target, 0.0, 1.0)
-        keep = energy_cutoff_filter(state.e_target, self.energy_cutoff)
+        keep = energy_cutoff_filter(self.physical_energy(state), self.energy_cutoff)
         n_after_cutoff = int(keep.sum())
         keep &= top_fraction_filter(torch.where(keep, log_w, torch.full_like(log_w, -math.inf)), self.clip_fraction)
         if not keep.any():
@@ -303,34 +321,46 @@ class SMCSampler:
         ess = normalised_ess(run["log_w"])
         resampled = self._reweight_and_resample(run, final=t_next == 1.0, generator=generator)
 
-        state, step_size = run["state"], run["step_size"]
-        alive = torch.isfinite(run["log_w"])  # zero-weight particles are not worth moving
-        n_alive = int(alive.sum())
-        acceptance = []
-        for _ in range(self.n_mcmc_steps):
-            # Draw all random numbers at once so results do not depend on batch_size.
-            noise = torch.randn((n_alive, *state.x.shape[1:]), dtype=torch.float64, generator=generator)
-            uniform = torch.rand(n_alive, dtype=torch.float64, generator=generator)
-            moving = state.select(alive)
-            moved = []
-            for start in range(0, n_alive, self.batch_size):
-                batch = slice(start, start + self.batch_size)
-                new, info = self.kernel(moving.select(batch), t_next, self.potential, step_size, noise[batch], uniform[batch])
-                moved.append(new)
-                acceptance.append(info.acceptance)
-            if moved:
-                state.assign(alive, PathState.cat(moved))
-        mean_acceptance = float(torch.cat(acceptance).mean()) if acceptance else float("nan")
-        if self.adapt_step_size and acceptance:
+        step_size = run["step_size"]
+        mean_acceptance, n_alive = self._move(run, t_next, step_size, generator)
+        if self.adapt_step_size and n_alive:
             run["step_size"] = adapt_step_size(step_size, mean_acceptance, self.target_acceptance)
 
-        run.update(state=state, t=t_next, step=run["step"] + 1, generator=generator.get_state())
+        run.update(t=t_next, step=run["step"] + 1, generator=generator.get_state())
         log_z = run["log_z_offset"] + log_mean_weight(run["log_w"], run["n_norm"])
         for key, value in zip(
             ("t", "ess", "acceptance", "resampled", "step_size", "n_alive", "log_z"),
             (t_next, ess, mean_acceptance, resampled, step_size, n_alive, log_z),
         ):
             run["diagnostics"][key].append(value)
+
+    def _move(self, run: dict, t: float, step_size: float, generator: torch.Generator) -> tuple[float, int]:
+        """``n_mcmc_steps`` kernel moves at ``t`` of the particles with non-zero weight, in place.
+
+        Returns the mean acceptance and the number of particles moved.
+        """
+        state = run["state"]
+        acceptance = []
+        for _ in range(self.n_mcmc_steps):
+            alive = torch.isfinite(run["log_w"]).nonzero().squeeze(1)  # zero weight: not worth moving
+            # Draw all random numbers at once so results do not depend on batch_size.
+            noise = torch.randn((len(alive), *state.x.shape[1:]), dtype=torch.float64, generator=generator)
+            uniform = torch.rand(len(alive), dtype=torch.float64, generator=generator)
+            moving = state.select(alive)
+            moved = []
+            for start in range(0, len(alive), self.batch_size):
+                batch = slice(start, start + self.batch_size)
+                new, info = self.kernel(moving.select(batch), t, self.potential, step_size, noise[batch], uniform[batch])
+                moved.append(new)
+                acceptance.append(info.acceptance)
+            if moved:
+                state.assign(alive, PathState.cat(moved))
+            # A move onto a non-finite energy (possible with ULA) zeroes that particle's weight
+            # at once, so no particle ever has a finite weight and a non-finite energy.
+            finite = torch.isfinite(state.e_source) & torch.isfinite(state.e_target)
+            run["log_w"] = torch.where(finite, run["log_w"], torch.full_like(run["log_w"], -math.inf))
+        mean_acceptance = float(torch.cat(acceptance).mean()) if acceptance else float("nan")
+        return mean_acceptance, len(alive)
 
     def _result(self, run: dict, seed: int, seconds: float) -> SMCResult:
         state = run["state"]
@@ -348,7 +378,7 @@ class SMCSampler:
         return SMCResult(
             positions=state.x.numpy().copy(),
             log_weights=run["log_w"].numpy().copy(),
-            energies=state.e_target.numpy().copy(),
+            energies=self.physical_energy(state).numpy(),
             log_z=log_z,
             ess=run["final_ess"],
             diagnostics=diagnostics,

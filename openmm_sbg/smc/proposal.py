@@ -7,18 +7,24 @@ another.
 
 Centre of mass. The flow is trained on centred configurations plus CoM noise
 ``c ~ N(0, com_std^2 I)``, so its samples carry a random CoM that the (translation
-invariant) target does not care about. ``E_S = -log q(x) + log rho(c)`` removes it from the
-weights, with ``c`` the *unweighted* mean of the atom positions (the flow trainer subtracts
-that mean, not the mass-weighted one) and ``rho`` one of
+invariant) target does not care about. The importance weights are the paper's,
+``log w = E_S - E_T`` with ``E_S = -log q(x) + log rho(c)``, where ``c`` is the *unweighted*
+mean of the atom positions (the flow trainer subtracts that mean, not the mass-weighted
+one) and ``rho`` one of
 
-- ``"chi3"`` (the paper, default): the chi distribution with 3 degrees of freedom of
-  ``|c|``, scale ``com_std``;
-- ``"gaussian"``: the density ``N(c; 0, com_std^2 I)`` of the CoM itself; it cancels the
-  flow's CoM factor exactly, so ``E_S`` is translation invariant like ``E_T``;
-- ``"none"``: ``E_S = -log q(x)``, for proposals whose CoM is part of the target.
+- ``"chi3"`` (the paper's, default): the chi distribution with 3 degrees of freedom of
+  ``|c|``, scale ``com_std``, read as a function of ``c``;
+- ``"gaussian"``: the density ``N(c; 0, com_std^2 I)`` of the CoM itself, which cancels the
+  flow's CoM factor exactly;
+- ``"none"``: no adjustment, for proposals whose CoM is part of the target.
 
-Either adjustment leaves the weighted distribution of the internal coordinates exact; the
-estimated ``log Z`` is then that of ``exp(-E_T(x)) rho(c(x))``.
+Along the annealing path the term goes on the target side instead:
+``E_S = -log q(x)`` and ``E_T' = E_T - log rho(c)``. The weight increments
+``-(dt)(E_T' - E_S)`` are the same, but every intermediate ``exp(-E_t)`` is then a proper
+density (the paper's placement makes them improper in the CoM, which biases log Z; see
+``tests/test_smc.py``). Either way the weighted distribution of internal coordinates is
+exact and ``log Z`` estimates ``log integral exp(-E_T(x)) rho(c(x)) dx``
+(``integral rho = 12 pi com_std^2`` for ``"chi3"``, 1 for ``"gaussian"``).
 """
 
 from __future__ import annotations
@@ -75,24 +81,36 @@ def module_dtype_device(module) -> tuple[torch.dtype, torch.device]:
     return torch.float64, torch.device("cpu")
 
 
-def source_energy(
-    flow: Proposal, x: torch.Tensor, com_adjustment: str = "chi3", need_grad: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``E_S(x) = -log q(x) + log rho(c)`` in kT and, if ``need_grad``, its gradient in kT/nm.
+def _energy_and_grad(fn, x: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        x = x.detach().requires_grad_(need_grad)
+        energy = fn(x)
+        if not need_grad:
+            grad = None
+        elif energy.requires_grad:
+            grad = torch.autograd.grad(energy.sum(), x)[0]
+        else:  # a constant, e.g. no CoM adjustment
+            grad = torch.zeros_like(x)
+    return energy.detach(), grad
+
+
+def source_energy(flow: Proposal, x: torch.Tensor, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``E_S(x) = -log q(x)`` in kT and, if ``need_grad``, its gradient in kT/nm.
 
     ``x`` is float64 on the CPU; the flow runs in its own dtype and device and the results
     come back as float64 on the CPU.
     """
     dtype, device = module_dtype_device(flow)
-    com_std = getattr(flow, "com_std", None)
-    with torch.enable_grad() if need_grad else torch.no_grad():
-        x_flow = x.detach().to(dtype=dtype, device=device).requires_grad_(need_grad)
-        energy = flow.energy(x_flow) + com_log_density(x_flow, com_std, com_adjustment)
-        grad = torch.autograd.grad(energy.sum(), x_flow)[0] if need_grad else None
-    energy = energy.detach().to(dtype=torch.float64, device="cpu")
-    if grad is not None:
-        grad = grad.to(dtype=torch.float64, device="cpu")
-    return energy, grad
+    energy, grad = _energy_and_grad(flow.energy, x.to(dtype=dtype, device=device), need_grad)
+    energy = energy.to(dtype=torch.float64, device="cpu")
+    return energy, None if grad is None else grad.to(dtype=torch.float64, device="cpu")
+
+
+def com_energy(
+    x: torch.Tensor, com_std: float | None, kind: str = "chi3", need_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``-log rho(c)`` in kT (added to the target's energy on the path) and its gradient."""
+    return _energy_and_grad(lambda y: -com_log_density(y, com_std, kind), x, need_grad)
 
 
 def draw_proposals(flow: Proposal, n: int, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
