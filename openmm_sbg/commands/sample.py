@@ -1,0 +1,121 @@
+"""``openmm-sbg sample``: SMC (or importance) sampling from a trained flow; writes a samples file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from openmm_sbg.commands.common import add_system_arguments, target_from_args
+
+HELP = "draw weighted equilibrium samples with a trained flow and SMC; rerun the same command to resume"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from openmm_sbg.smc import DEFAULT_STEP_SIZE
+
+    add_system_arguments(parser)
+    parser.add_argument("--flow", required=True, help="flow checkpoint (.pt) from `openmm-sbg train`")
+    parser.add_argument("--out", required=True, help="samples file to write (.h5: mdtraj trajectory + log_weights, energies_kT)")
+    parser.add_argument("--n-particles", type=int, default=1000, help="proposals drawn / particles kept (default 1000)")
+    parser.add_argument("--n-steps", type=int, default=100, help="annealing steps; 0 = importance sampling (default 100)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernel", choices=["ula", "mala"], default="ula", help="Langevin move: unadjusted (paper) or Metropolis-adjusted")
+    parser.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE, help=f"Langevin step size in nm^2 (default {DEFAULT_STEP_SIZE:g})")
+    parser.add_argument("--n-mcmc-steps", type=int, default=1, help="Langevin moves per annealing step")
+    parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear")
+    parser.add_argument("--target-cess", type=float, default=0.99, help="conditional ESS per step for --schedule adaptive")
+    parser.add_argument("--resampling", choices=["systematic", "multinomial"], default="systematic")
+    parser.add_argument("--resample-threshold", type=float, default=0.5, help="resample when the normalised ESS drops below this")
+    parser.add_argument("--no-final-resample", action="store_true", help="keep weighted particles at t = 1")
+    parser.add_argument("--energy-cutoff", type=float, default=None, help="drop proposals above this energy in kT")
+    parser.add_argument("--clip-fraction", type=float, default=0.002, help="drop this fraction of the largest log-weights")
+    parser.add_argument("--com-adjustment", choices=["chi3", "gaussian", "none"], default="chi3")
+    parser.add_argument("--batch-size", type=int, default=256, help="particles per flow / force-field evaluation")
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (OUT.ckpt)")
+    parser.add_argument("--restart", action="store_true", help="ignore an existing OUT.ckpt and start afresh")
+    parser.add_argument("--device", default="cpu", help="torch device of the flow (cpu, cuda, ...)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from openmm_sbg.flow import TarFlow
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not os.path.exists(args.flow):
+        raise FileNotFoundError(f"no flow checkpoint at {args.flow!r}; train one with `openmm-sbg train`")
+    if args.system is None and args.pdb is None:
+        # The checkpoint knows its molecule.
+        flow = TarFlow.load(args.flow, map_location=args.device)
+        target = flow.target(platform=args.platform)
+    else:
+        target = target_from_args(args)
+        flow = TarFlow.load(args.flow, target=target, map_location=args.device)
+    return sample(
+        target,
+        flow,
+        args.out,
+        seed=args.seed,
+        restart=args.restart,
+        n_particles=args.n_particles,
+        n_steps=args.n_steps,
+        kernel=args.kernel,
+        step_size=args.step_size,
+        n_mcmc_steps=args.n_mcmc_steps,
+        schedule=args.schedule,
+        target_cess=args.target_cess,
+        resampling=args.resampling,
+        resample_threshold=args.resample_threshold,
+        resample_at_end=not args.no_final_resample,
+        energy_cutoff=args.energy_cutoff,
+        clip_fraction=args.clip_fraction,
+        com_adjustment=args.com_adjustment,
+        batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
+
+
+def sample(target, flow, out: str, seed: int = 0, restart: bool = False, **options) -> dict:
+    """Run :class:`~openmm_sbg.smc.SMCSampler` and write its samples file; return the JSON summary.
+
+    The run checkpoints to ``out + ".ckpt"``; calling again with the same arguments resumes
+    from it (``restart=True`` ignores it). The checkpoint is removed once ``out`` is written.
+    """
+    from openmm_sbg import metrics
+    from openmm_sbg.smc import SMCSampler
+
+    if os.path.splitext(out)[1].lower() not in (".h5", ".hdf5"):
+        raise ValueError(f"--out must be an HDF5 file ending in .h5, got {out!r}")
+    checkpoint = out + ".ckpt"
+    resuming = os.path.exists(checkpoint) and not restart
+    sampler = SMCSampler(target, flow, checkpoint_path=checkpoint, **options)
+    result = sampler.run(seed=seed, resume=resuming)
+    result.save(out)
+    os.remove(checkpoint)
+    diagnostics = result.diagnostics
+    alive = result.weights > 0
+    summary = {
+        "out": os.path.abspath(out),
+        "system": result.info["system"],
+        "n_particles": len(result.log_weights),
+        "n_steps": len(diagnostics["t"]),
+        "resumed": resuming,
+        "log_z": result.log_z,
+        "ess": result.ess,
+        "ess_proposals": result.info["ess_proposals"],
+        "n_proposals": result.info["n_proposals"],
+        "n_kept_by_filters": result.info["n_kept"],
+        "n_resampling": result.info["n_resampling"],
+        "mean_acceptance": float(np.nanmean(diagnostics["acceptance"])) if len(diagnostics["acceptance"]) else None,
+        "energy_kT_mean": float(np.sum(result.weights[alive] * result.energies[alive])),
+        "seconds": result.info["seconds"],
+    }
+    if result.topology is not None:
+        summary["wrong_chirality_fraction"] = metrics.wrong_chirality_fraction(result.to_mdtraj(), result.weights)
+    return summary
