@@ -51,88 +51,121 @@ def _value(quantity, unit_) -> float:
     return quantity.value_in_unit(unit_) if unit.is_quantity(quantity) else float(quantity)
 
 
-def _distances(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """Distances ``[B, P]`` between atoms ``i[p]`` and ``j[p]``."""
-    return (x[:, j] - x[:, i]).norm(dim=-1)
+def _pair_vectors(xt: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors ``x_j - x_i`` ``[P, B, 3]`` and squared distances ``[P, B]`` (atom-major positions)."""
+    d = xt.index_select(0, j) - xt.index_select(0, i)
+    return d, (d * d).sum(-1)
+
+
+def _add_pair_gradient(grad: torch.Tensor, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> None:
+    """Add ``dU/dr / r`` (``w [P, B]``) of pair distances along ``d = x_j - x_i`` to ``grad [N, B, 3]``."""
+    g = w.unsqueeze(-1) * d
+    grad.index_add_(0, j, g)
+    grad.index_add_(0, i, -g)
 
 
 class _Term(torch.nn.Module):
-    """One energy term; ``forward(x [B, N, 3]) -> energy [B]`` in kJ/mol."""
+    """One energy term, evaluated in atom-major layout for fast gathers and scatters.
+
+    ``forward(xt [N, B, 3], grad [N, B, 3] | None) -> energy [B]`` in kJ/mol; when ``grad``
+    is given, the term adds its analytic gradient dU/dx to it (one pass, no autograd graph).
+    """
 
     #: Pairs the term evaluates per configuration (sizes the batch chunks).
     n_pairs: int = 0
+
+    def _indices(self, name: str, rows) -> None:
+        self.register_buffer(name, torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1).T.contiguous())
+
+    def _constants(self, names: tuple[str, ...], rows) -> None:
+        table = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(names))
+        for k, name in enumerate(names):
+            # [T, 1]: broadcasts against [T, B] in atom-major layout.
+            self.register_buffer(name, table[:, k : k + 1].clone())
 
 
 class _HarmonicBonds(_Term):
     def __init__(self, force: openmm.HarmonicBondForce):
         super().__init__()
-        idx, params = [], []
-        for b in range(force.getNumBonds()):
-            i, j, r0, k = force.getBondParameters(b)
-            idx.append((i, j))
-            params.append((_value(r0, unit.nanometer), _value(k, unit.kilojoule_per_mole / unit.nanometer**2)))
-        self.register_buffer("idx", torch.tensor(idx, dtype=torch.long).reshape(-1, 2).T.contiguous())
-        params = torch.tensor(params, dtype=torch.float64).reshape(-1, 2)
-        self.register_buffer("r0", params[:, 0].clone())
-        self.register_buffer("k", params[:, 1].clone())
+        bonds = [force.getBondParameters(b) for b in range(force.getNumBonds())]
+        self._indices("idx", [b[:2] for b in bonds])
+        self._constants(
+            ("r0", "k"),
+            [(_value(r0, unit.nanometer), _value(k, unit.kilojoule_per_mole / unit.nanometer**2)) for *_, r0, k in bonds],
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = _distances(x, self.idx[0], self.idx[1])
-        return (0.5 * self.k * (r - self.r0) ** 2).sum(-1)
+    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        d, r2 = _pair_vectors(xt, self.idx[0], self.idx[1])
+        r = r2.sqrt()
+        stretch = r - self.r0
+        if grad is not None:
+            _add_pair_gradient(grad, self.idx[0], self.idx[1], self.k * stretch / r, d)
+        return (0.5 * self.k * stretch**2).sum(0)
 
 
-def _angles(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Angles ``[B, A]`` at atom ``idx[1]``; atan2 stays accurate near 0 and pi, unlike acos."""
-    a = x[:, idx[0]] - x[:, idx[1]]
-    b = x[:, idx[2]] - x[:, idx[1]]
-    return torch.atan2(torch.linalg.cross(a, b).norm(dim=-1), (a * b).sum(-1))
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)
 
 
 class _HarmonicAngles(_Term):
     def __init__(self, force: openmm.HarmonicAngleForce):
         super().__init__()
-        idx, params = [], []
-        for a in range(force.getNumAngles()):
-            i, j, k, theta0, kk = force.getAngleParameters(a)
-            idx.append((i, j, k))
-            params.append((_value(theta0, unit.radian), _value(kk, unit.kilojoule_per_mole / unit.radian**2)))
-        self.register_buffer("idx", torch.tensor(idx, dtype=torch.long).reshape(-1, 3).T.contiguous())
-        params = torch.tensor(params, dtype=torch.float64).reshape(-1, 2)
-        self.register_buffer("theta0", params[:, 0].clone())
-        self.register_buffer("k", params[:, 1].clone())
+        angles = [force.getAngleParameters(a) for a in range(force.getNumAngles())]
+        self._indices("idx", [a[:3] for a in angles])
+        self._constants(
+            ("theta0", "k"),
+            [(_value(t0, unit.radian), _value(k, unit.kilojoule_per_mole / unit.radian**2)) for *_, t0, k in angles],
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (0.5 * self.k * (_angles(x, self.idx) - self.theta0) ** 2).sum(-1)
-
-
-def _dihedrals(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """IUPAC dihedral angles ``[B, T]`` (OpenMM's sign convention) of atoms ``idx[0..3]``."""
-    b1 = x[:, idx[1]] - x[:, idx[0]]
-    b2 = x[:, idx[2]] - x[:, idx[1]]
-    b3 = x[:, idx[3]] - x[:, idx[2]]
-    n1 = torch.linalg.cross(b1, b2)
-    n2 = torch.linalg.cross(b2, b3)
-    y = b2.norm(dim=-1) * (b1 * n2).sum(-1)
-    return torch.atan2(y, (n1 * n2).sum(-1))
+    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        a = xt[self.idx[0]] - xt[self.idx[1]]
+        b = xt[self.idx[2]] - xt[self.idx[1]]
+        ab = _dot(a, b)
+        cross = torch.linalg.cross(a, b).norm(dim=-1)
+        # atan2 stays accurate near 0 and pi, where acos loses digits.
+        delta = torch.atan2(cross, ab) - self.theta0
+        if grad is not None:
+            scale = (self.k * delta / cross).unsqueeze(-1)
+            g_a = scale * ((ab / _dot(a, a)).unsqueeze(-1) * a - b)
+            g_b = scale * ((ab / _dot(b, b)).unsqueeze(-1) * b - a)
+            grad.index_add_(0, self.idx[0], g_a)
+            grad.index_add_(0, self.idx[2], g_b)
+            grad.index_add_(0, self.idx[1], -(g_a + g_b))
+        return (0.5 * self.k * delta**2).sum(0)
 
 
 class _PeriodicTorsions(_Term):
     def __init__(self, force: openmm.PeriodicTorsionForce):
         super().__init__()
-        idx, params = [], []
-        for t in range(force.getNumTorsions()):
-            i, j, k, m, n, phase, kk = force.getTorsionParameters(t)
-            idx.append((i, j, k, m))
-            params.append((n, _value(phase, unit.radian), _value(kk, unit.kilojoule_per_mole)))
-        self.register_buffer("idx", torch.tensor(idx, dtype=torch.long).reshape(-1, 4).T.contiguous())
-        params = torch.tensor(params, dtype=torch.float64).reshape(-1, 3)
-        self.register_buffer("periodicity", params[:, 0].clone())
-        self.register_buffer("phase", params[:, 1].clone())
-        self.register_buffer("k", params[:, 2].clone())
+        torsions = [force.getTorsionParameters(t) for t in range(force.getNumTorsions())]
+        self._indices("idx", [t[:4] for t in torsions])
+        self._constants(
+            ("periodicity", "phase", "k"),
+            [(n, _value(phase, unit.radian), _value(k, unit.kilojoule_per_mole)) for *_, n, phase, k in torsions],
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        phi = _dihedrals(x, self.idx)
-        return (self.k * (1 + torch.cos(self.periodicity * phi - self.phase))).sum(-1)
+    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        b1 = xt[self.idx[1]] - xt[self.idx[0]]
+        b2 = xt[self.idx[2]] - xt[self.idx[1]]
+        b3 = xt[self.idx[3]] - xt[self.idx[2]]
+        n1 = torch.linalg.cross(b1, b2)
+        n2 = torch.linalg.cross(b2, b3)
+        b2_norm = b2.norm(dim=-1)
+        # IUPAC sign convention, as OpenMM.
+        phi = torch.atan2(b2_norm * _dot(b1, n2), _dot(n1, n2))
+        angle = self.periodicity * phi - self.phase
+        if grad is not None:
+            dphi = -self.k * self.periodicity * torch.sin(angle)
+            g0 = (-dphi * b2_norm / _dot(n1, n1)).unsqueeze(-1) * n1
+            g3 = (dphi * b2_norm / _dot(n2, n2)).unsqueeze(-1) * n2
+            b2_sq = b2_norm**2
+            p = (_dot(b1, b2) / b2_sq).unsqueeze(-1)
+            q = (_dot(b3, b2) / b2_sq).unsqueeze(-1)
+            grad.index_add_(0, self.idx[0], g0)
+            grad.index_add_(0, self.idx[1], q * g3 - (1 + p) * g0)
+            grad.index_add_(0, self.idx[2], p * g0 - (1 + q) * g3)
+            grad.index_add_(0, self.idx[3], g3)
+        return (self.k * (1 + torch.cos(angle))).sum(0)
 
 
 class _Nonbonded(_Term):
@@ -176,9 +209,9 @@ class _Nonbonded(_Term):
         eps = np.sqrt(epsilon[i] * epsilon[j])
         # Pairs with neither charge nor LJ contribute exactly zero; skipping them saves work.
         active = (qq != 0) | (eps != 0)
-        self._register_pairs("pair", i[active], j[active], qq[active], 0.5 * (sigma[i] + sigma[j])[active], eps[active])
+        self._pairs("pair", i[active], j[active], qq[active], 0.5 * (sigma[i] + sigma[j])[active], eps[active])
         exc = np.array(exceptions, dtype=np.float64).reshape(-1, 5)
-        self._register_pairs("exc", exc[:, 0].astype(np.int64), exc[:, 1].astype(np.int64), exc[:, 2], exc[:, 3], exc[:, 4])
+        self._pairs("exc", exc[:, 0], exc[:, 1], exc[:, 2], exc[:, 3], exc[:, 4])
         self.n_pairs = int(active.sum()) + len(exc)
 
         self.cutoff = None
@@ -192,31 +225,45 @@ class _Nonbonded(_Term):
             if force.getUseSwitchingFunction():
                 self.switch_distance = _value(force.getSwitchingDistance(), unit.nanometer)
 
-    def _register_pairs(self, prefix: str, i, j, qq, sigma, epsilon) -> None:
+    def _pairs(self, prefix: str, i, j, qq, sigma, epsilon) -> None:
+        """Store a pair list with Coulomb ``K q_i q_j`` and LJ ``4 eps sigma^12``, ``4 eps sigma^6``."""
         self.register_buffer(f"{prefix}_idx", torch.tensor(np.stack([i, j]), dtype=torch.long).reshape(2, -1))
-        self.register_buffer(f"{prefix}_qq", ONE_4PI_EPS0 * torch.tensor(qq, dtype=torch.float64))
-        self.register_buffer(f"{prefix}_sigma", torch.tensor(sigma, dtype=torch.float64))
-        self.register_buffer(f"{prefix}_4eps", 4 * torch.tensor(epsilon, dtype=torch.float64))
+        sigma6 = torch.tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 6
+        four_eps = 4 * torch.tensor(epsilon, dtype=torch.float64).reshape(-1, 1)
+        self.register_buffer(f"{prefix}_qq", ONE_4PI_EPS0 * torch.tensor(qq, dtype=torch.float64).reshape(-1, 1))
+        self.register_buffer(f"{prefix}_c12", four_eps * sigma6**2)
+        self.register_buffer(f"{prefix}_c6", four_eps * sigma6)
 
-    @staticmethod
-    def _lennard_jones(r: torch.Tensor, sigma: torch.Tensor, four_eps: torch.Tensor) -> torch.Tensor:
-        s6 = (sigma / r) ** 6
-        return four_eps * (s6 * s6 - s6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = _distances(x, self.pair_idx[0], self.pair_idx[1])
-        lj = self._lennard_jones(r, self.pair_sigma, self.pair_4eps)
-        if self.cutoff is None:
-            pair = self.pair_qq / r + lj
+    def _pair_energy(self, prefix: str, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        idx = getattr(self, f"{prefix}_idx")
+        qq, c12, c6 = (getattr(self, f"{prefix}_{name}") for name in ("qq", "c12", "c6"))
+        d, r2 = _pair_vectors(xt, idx[0], idx[1])
+        inv_r2 = 1 / r2
+        inv_r = inv_r2.sqrt()
+        inv_r6 = inv_r2**3
+        lj = (c12 * inv_r6 - c6) * inv_r6
+        dlj = -(12 * c12 * inv_r6 - 6 * c6) * inv_r6 * inv_r2  # dU/dr / r
+        cut = prefix == "pair" and self.cutoff is not None
+        if not cut:
+            energy = qq * inv_r + lj
+            w = -qq * inv_r * inv_r2 + dlj
         else:
+            r = r2 * inv_r
             if self.switch_distance is not None:
                 t = ((r - self.switch_distance) / (self.cutoff - self.switch_distance)).clamp(min=0)
-                lj = lj * (1 + t**3 * (-10 + t * (15 - 6 * t)))
-            coulomb = self.pair_qq * (1 / r + self.k_rf * r**2 - self.c_rf)
-            pair = (coulomb + lj) * (r < self.cutoff)
-        r_exc = _distances(x, self.exc_idx[0], self.exc_idx[1])
-        exc = self.exc_qq / r_exc + self._lennard_jones(r_exc, self.exc_sigma, self.exc_4eps)
-        return pair.sum(-1) + exc.sum(-1)
+                switch = 1 + t**3 * (-10 + t * (15 - 6 * t))
+                dswitch = -30 * t**2 * (1 - t) ** 2 / (self.cutoff - self.switch_distance)
+                dlj = dlj * switch + lj * dswitch * inv_r
+                lj = lj * switch
+            inside = (r < self.cutoff).to(r.dtype)
+            energy = (qq * (inv_r + self.k_rf * r2 - self.c_rf) + lj) * inside
+            w = (qq * (2 * self.k_rf - inv_r * inv_r2) + dlj) * inside
+        if grad is not None:
+            _add_pair_gradient(grad, idx[0], idx[1], w, d)
+        return energy.sum(0)
+
+    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        return self._pair_energy("pair", xt, grad) + self._pair_energy("exc", xt, grad)
 
 
 class _OBC(_Term):
@@ -264,71 +311,107 @@ class _OBC(_Term):
         super().__init__()
         n = len(charge)
         i, j = np.triu_indices(n, k=1)
-        # Born-radius sums run over ordered pairs: (i, j) and (j, i) share a distance.
+
+        def column(values) -> torch.Tensor:
+            return torch.tensor(np.asarray(values, dtype=np.float64)).reshape(-1, 1)
+
         self.register_buffer("idx", torch.tensor(np.stack([i, j]), dtype=torch.long))
-        self.register_buffer("target", torch.tensor(np.concatenate([i, j]), dtype=torch.long))
-        self.register_buffer("rho_target", torch.tensor(np.concatenate([offset_radius[i], offset_radius[j]])))
-        self.register_buffer("sr_other", torch.tensor(np.concatenate([scaled_radius[j], scaled_radius[i]])))
-        self.register_buffer("offset_radius", torch.tensor(offset_radius, dtype=torch.float64))
-        self.register_buffer("radius", torch.tensor(offset_radius + radius_offset, dtype=torch.float64))
-        self.register_buffer("charge", torch.tensor(charge, dtype=torch.float64))
-        self.register_buffer("qq", torch.tensor(charge[i] * charge[j], dtype=torch.float64))
+        # Born-radius sums run over ordered pairs, stacked [2, P, 1]: (i, j) then (j, i).
+        self.register_buffer("rho_pair", torch.stack([column(offset_radius[i]), column(offset_radius[j])]))
+        self.register_buffer("sr_pair", torch.stack([column(scaled_radius[j]), column(scaled_radius[i])]))
+        self.register_buffer("rho", column(offset_radius))
+        self.register_buffer("radius", column(offset_radius + radius_offset))
+        self.register_buffer("charge_sq", column(charge**2))
+        self.register_buffer("qq", column(charge[i] * charge[j]))
         self.n_pairs = 3 * len(i)
         self.alpha, self.beta, self.gamma = coefficients
         self.coulomb = coulomb
-        self.solute_dielectric = solute_dielectric
-        self.solvent_dielectric = solvent_dielectric
+        self.inner = 1 / solute_dielectric
+        self.outer = 1 / solvent_dielectric
         self.kappa = kappa
         self.surface_factor = surface_factor
         self.cutoff = cutoff
         self.engulfed_correction = engulfed_correction
 
-    def _screening(self, f: torch.Tensor) -> torch.Tensor:
-        """``1/eps_in - exp(-kappa f)/eps_out``: the dielectric factor of a Born distance ``f``."""
+    def _screening(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``S = 1/eps_in - exp(-kappa f)/eps_out`` at Born distance ``f``, and ``dS/df``."""
         if self.kappa == 0:
-            return torch.full_like(f, 1 / self.solute_dielectric - 1 / self.solvent_dielectric)
-        return 1 / self.solute_dielectric - torch.exp(-self.kappa * f) / self.solvent_dielectric
+            return torch.full_like(f, self.inner - self.outer), torch.zeros_like(f)
+        salt = torch.exp(-self.kappa * f) * self.outer
+        return self.inner - salt, self.kappa * salt
 
-    def born_radii(self, r: torch.Tensor) -> torch.Tensor:
-        """Born radii ``[B, N]`` from pair distances ``r [B, P]`` (OBC's HCT-style integral)."""
-        r2 = torch.cat([r, r], dim=-1)
-        rho, sr = self.rho_target, self.sr_other
-        upper = r2 + sr
-        lower = torch.maximum(rho, (r2 - sr).abs())
-        inv_u, inv_l = 1 / upper, 1 / lower
-        term = (
-            inv_l
-            - inv_u
-            + 0.25 * (r2 - sr**2 / r2) * (inv_u**2 - inv_l**2)
-            + 0.5 * torch.log(lower / upper) / r2
-        )
+    def _born_integral(self, r: torch.Tensor, inside: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """OBC's HCT integral ``T`` per ordered pair ``[2, P, B]`` and ``dT/dr``."""
+        rho, sr = self.rho_pair, self.sr_pair
+        inv_r = 1 / r
+        upper = r + sr
+        lower = torch.maximum(rho, (r - sr).abs())
+        inv_u2, inv_l = 1 / upper**2, 1 / lower
+        inv_l2 = inv_l**2
+        log_ratio = torch.log(lower / upper)
+        term = inv_l - 1 / upper + 0.25 * (r - sr**2 * inv_r) * (inv_u2 - inv_l2) + 0.5 * log_ratio * inv_r
+        dterm = 0.25 * (1 + (sr * inv_r) ** 2) * (inv_u2 - inv_l2) - 0.5 * log_ratio * inv_r**2
+        # Inside the other atom's scaled sphere the lower limit moves with r: d/dr of T through
+        # L = sr - r is 2/L^2. GBSAOBCForce's extra term 2 (1/rho - 1/L) cancels that derivative.
+        engulfed = (rho < sr - r).to(r.dtype)
         if self.engulfed_correction:
-            term = term + 2 * (1 / rho - inv_l) * (rho < sr - r2)
-        keep = rho < upper
-        if self.cutoff is not None:
-            keep = keep & (r2 < self.cutoff)
-        term = term * keep
-        integral = torch.zeros(r.shape[0], len(self.radius), dtype=r.dtype, device=r.device)
-        integral = integral.index_add(1, self.target, term)
-        psi = 0.5 * integral * self.offset_radius
-        tanh = torch.tanh(psi * (self.alpha + psi * (-self.beta + psi * self.gamma)))
-        return 1 / (1 / self.offset_radius - tanh / self.radius)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = _distances(x, self.idx[0], self.idx[1])
-        born = self.born_radii(r)
-        energy = -0.5 * self.coulomb * (self._screening(born) * self.charge**2 / born).sum(-1)
-        if self.surface_factor is not None:
-            energy = energy + (
-                self.surface_factor * (self.radius + _ACE_PROBE_RADIUS) ** 2 * (self.radius / born) ** 6
-            ).sum(-1)
-        b1b2 = born[:, self.idx[0]] * born[:, self.idx[1]]
-        f = torch.sqrt(r**2 + b1b2 * torch.exp(-(r**2) / (4 * b1b2)))
-        if self.cutoff is None:
-            pair = self.qq * self._screening(f) / f
+            term = term + 2 * (1 / rho - inv_l) * engulfed
         else:
-            pair = self.qq * self._screening(f) * (1 / f - 1 / self.cutoff) * (r < self.cutoff)
-        return energy - self.coulomb * pair.sum(-1)
+            dterm = dterm + 2 * inv_l2 * engulfed
+        keep = (rho < upper).to(r.dtype)
+        if inside is not None:
+            keep = keep * inside
+        return term * keep, dterm * keep
+
+    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        i, j = self.idx
+        d, r2 = _pair_vectors(xt, i, j)
+        r = r2.sqrt()
+        inside = None if self.cutoff is None else (r < self.cutoff).to(r.dtype)
+        term, dterm = self._born_integral(r, inside)
+        integral = torch.zeros(len(self.rho), r.shape[1], dtype=r.dtype, device=r.device)
+        integral.index_add_(0, i, term[0]).index_add_(0, j, term[1])
+        psi = 0.5 * integral * self.rho
+        tanh = torch.tanh(psi * (self.alpha + psi * (-self.beta + psi * self.gamma)))
+        born = 1 / (1 / self.rho - tanh / self.radius)
+
+        screening, dscreening = self._screening(born)
+        energy = -0.5 * self.coulomb * (self.charge_sq * screening / born).sum(0)
+        if grad is not None:
+            d_born = -0.5 * self.coulomb * self.charge_sq * (dscreening - screening / born) / born
+        if self.surface_factor is not None:
+            surface = self.surface_factor * (self.radius + _ACE_PROBE_RADIUS) ** 2 * (self.radius / born) ** 6
+            energy = energy + surface.sum(0)
+            if grad is not None:
+                d_born = d_born - 6 * surface / born
+
+        b_i, b_j = born[i], born[j]
+        b_ij = b_i * b_j
+        gauss = torch.exp(-r2 / (4 * b_ij))
+        f2 = r2 + b_ij * gauss
+        inv_f = f2.rsqrt()
+        screening, dscreening = self._screening(f2 * inv_f)
+        shifted = inv_f if self.cutoff is None else inv_f - 1 / self.cutoff
+        pair = -self.coulomb * self.qq * screening * shifted
+        if inside is not None:
+            pair = pair * inside
+        energy = energy + pair.sum(0)
+        if grad is None:
+            return energy
+
+        # dU/df of the pair terms, then chain rule through f(r, B_i, B_j).
+        d_f = -self.coulomb * self.qq * (dscreening * shifted - screening * inv_f**2)
+        if inside is not None:
+            d_f = d_f * inside
+        w = d_f * (1 - 0.25 * gauss) * inv_f
+        d_bij = d_f * 0.5 * gauss * (1 + r2 / (4 * b_ij)) * inv_f
+        d_born = d_born.index_add(0, i, d_bij * b_j).index_add(0, j, d_bij * b_i)
+        # dU/dI through the Born radius, then dI/dr of both ordered pairs.
+        dz = self.alpha + psi * (-2 * self.beta + 3 * self.gamma * psi)
+        d_integral = d_born * born**2 * (1 - tanh**2) * dz * 0.5 * self.rho / self.radius
+        w = w + (d_integral[i] * dterm[0] + d_integral[j] * dterm[1]) / r
+        _add_pair_gradient(grad, i, j, w, d)
+        return energy
 
 
 def _gbsa_obc(force: openmm.GBSAOBCForce) -> _OBC:
@@ -561,28 +644,46 @@ class TorchForceField(EnergyBackend):
         if not x.is_floating_point():
             raise TypeError(f"positions must be a floating-point tensor, got {x.dtype}")
 
-    def _potential(self, x: torch.Tensor) -> torch.Tensor:
+    def _evaluate(self, x: torch.Tensor, forces: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Energies ``[B]`` and, if ``forces``, gradients dU/dx ``[B, N, 3]``, chunk by chunk."""
         terms = self._terms_for(x)
-        energy = x.new_zeros(x.shape[0])
-        for term in terms:
-            energy = energy + term(x)
-        return energy
+        energies, grads = [], []
+        for chunk in x.detach().split(self.chunk_size):
+            # Atom-major layout: gathering and scattering atoms moves contiguous [B, 3] blocks.
+            xt = chunk.transpose(0, 1).contiguous()
+            grad = torch.zeros_like(xt) if forces else None
+            energy = chunk.new_zeros(chunk.shape[0])
+            for term in terms:
+                energy = energy + term(xt, grad)
+            energies.append(energy)
+            if forces:
+                grads.append(grad.transpose(0, 1))
+        return torch.cat(energies), torch.cat(grads) if forces else None
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """Energies ``[B]`` in kJ/mol; differentiable with respect to ``x`` (autograd)."""
+        """Energies ``[B]`` in kJ/mol; differentiable with respect to ``x`` (first derivatives)."""
         self._check(x)
-        return torch.cat([self._potential(chunk) for chunk in x.split(self.chunk_size)])
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Potential.apply(x, self)
+        return self._evaluate(x, forces=False)[0]
 
     def energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies ``[B]`` (kJ/mol) and forces ``-grad U`` ``[B, N, 3]`` (kJ/mol/nm), detached."""
         self._check(x)
-        energies, forces = [], []
-        for chunk in x.detach().split(self.chunk_size):
-            with torch.enable_grad():
-                chunk = chunk.detach().requires_grad_(True)
-                energy = self._potential(chunk)
-                # A System whose evaluated forces have no terms has a constant (zero) energy.
-                grad = torch.autograd.grad(energy.sum(), chunk)[0] if energy.requires_grad else torch.zeros_like(chunk)
-            energies.append(energy.detach())
-            forces.append(-grad)
-        return torch.cat(energies), torch.cat(forces)
+        energy, grad = self._evaluate(x, forces=True)
+        return energy, -grad
+
+
+class _Potential(torch.autograd.Function):
+    """Autograd hook: the energy's gradient is the analytic one computed with it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, forcefield: TorchForceField) -> torch.Tensor:
+        energy, grad = forcefield._evaluate(x, forces=True)
+        ctx.save_for_backward(grad)
+        return energy
+
+    @staticmethod
+    def backward(ctx, grad_energy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad_energy[:, None, None] * grad, None
