@@ -1,0 +1,363 @@
+"""TarFlow: a normalizing flow of causal-transformer autoregressive affine blocks.
+
+Each block maps a token sequence ``x`` to ``z`` by
+
+    z_i = (x_i - b_i(x_<i)) * exp(-a_i(x_<i)),        log|det dz/dx| = -sum_i a_i,
+
+where a causal transformer reads tokens ``0..i-1`` and predicts the shift ``b_i`` and
+log-scale ``a_i`` of token ``i`` (token 0 passes unchanged). The forward direction is one
+parallel transformer pass; the inverse recovers tokens one at a time, feeding each into the
+transformer with a key/value cache. Blocks alternate identity / reversed token order so that
+every token is conditioned on every other one somewhere in the stack.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.presets import FlowConfig, resolve_config
+
+
+class KVCache:
+    """Keys and values of one transformer layer for positions filled so far."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
+        self.keys = like.new_empty(batch, heads, length, head_dim)
+        self.values = like.new_empty(batch, heads, length, head_dim)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention that can also extend a :class:`KVCache` one step."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
+        """Attend over ``h`` ``[B, T, W]``; with ``cache``, ``h`` holds positions ``position..``."""
+        batch, length, width = h.shape
+        q, k, v = self.qkv(h).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            end = position + length
+            cache.keys[:, :, position:end] = k
+            cache.values[:, :, position:end] = v
+            # One new query sees every cached position, so no mask is needed.
+            y = F.scaled_dot_product_attention(q, cache.keys[:, :, :end], cache.values[:, :, :end])
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm transformer layer: causal attention, then an MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
+        h = h + self.attention(self.norm1(h), cache, position)
+        return h + self.mlp(self.norm2(h))
+
+
+class AutoregressiveAffine(nn.Module):
+    """One TarFlow block over ``tokens`` tokens of ``channels`` channels.
+
+    Parameters
+    ----------
+    tokens, channels
+        Sequence length and channels per token.
+    width, layers, heads, mlp_ratio
+        Size of the causal transformer.
+    reverse
+        Process tokens in reversed order (alternate blocks do, so each token is conditioned
+        on all others somewhere in the stack).
+    """
+
+    def __init__(self, tokens: int, channels: int, width: int, layers: int, heads: int, mlp_ratio: int, reverse: bool):
+        super().__init__()
+        self.reverse = reverse
+        self.heads = heads
+        self.proj_in = nn.Linear(channels, width)
+        # The last token conditions nothing, so the transformer only ever sees tokens-1 positions.
+        self.position = nn.Parameter(torch.randn(tokens - 1, width) * 0.02)
+        self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, 2 * channels)
+        # Zero-initialised output: every block starts as the identity, so training starts
+        # from the prior fitted to normalised data and the first updates are well behaved.
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def _shift_and_log_scale(self, x: torch.Tensor, caches: list[KVCache] | None = None, position: int = 0):
+        """Transformer outputs for inputs at ``position..``: the parameters of the next tokens."""
+        h = self.proj_in(x) + self.position[position : position + x.shape[1]]
+        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
+            h = layer(h, cache, position)
+        log_scale, shift = self.proj_out(self.norm(h)).chunk(2, dim=-1)
+        return shift, log_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, T, C]`` -> ``(z, log|det dz/dx|)``."""
+        if self.reverse:
+            x = x.flip(1)
+        shift, log_scale = self._shift_and_log_scale(x[:, :-1])
+        z = torch.cat([x[:, :1], (x[:, 1:] - shift) * torch.exp(-log_scale)], dim=1)
+        if self.reverse:
+            z = z.flip(1)
+        return z, -log_scale.sum(dim=(1, 2))
+
+    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z`` ``[B, T, C]`` -> ``(x, log|det dx/dz|)``, one token at a time with a KV cache."""
+        if self.reverse:
+            z = z.flip(1)
+        batch, tokens, _ = z.shape
+        width = self.position.shape[1]
+        caches = [KVCache(batch, self.heads, tokens - 1, width // self.heads, z) for _ in self.layers]
+        x = [z[:, :1]]
+        log_det = z.new_zeros(batch)
+        for i in range(1, tokens):
+            shift, log_scale = self._shift_and_log_scale(x[-1], caches, position=i - 1)
+            x.append(z[:, i : i + 1] * torch.exp(log_scale) + shift)
+            log_det = log_det + log_scale.sum(dim=(1, 2))
+        x = torch.cat(x, dim=1)
+        if self.reverse:
+            x = x.flip(1)
+        return x, log_det
+
+
+class TarFlow(nn.Module):
+    """Normalizing flow over molecular configurations ``[B, N, 3]`` in nm.
+
+    The flow works on normalised coordinates ``y = x / std`` (``std`` is one scalar from the
+    centred training set) with a standard normal prior; all public densities are in nm-space
+    and include the normalisation Jacobian ``-3N log std``. Training (see
+    :func:`openmm_sbg.flow.train`) centres and randomly rotates every configuration and adds
+    CoM noise N(0, I/N) in normalised units, so the CoM of the flow's samples is Gaussian
+    with std :attr:`com_std` per Cartesian coordinate.
+
+    Parameters
+    ----------
+    config
+        A :class:`FlowConfig`, a preset name (``"ad2"``, ``"ad2-small"``, ...) or a config dict.
+    n_atoms
+        Number of atoms; taken from ``target`` when that is given.
+    target
+        The :class:`~openmm_sbg.BoltzmannTarget` the flow models; its identity is stored in
+        checkpoints so that :meth:`load` can refuse a wrong molecule and :meth:`target` can
+        rebuild it.
+    std
+        Scalar normalisation in nm (set from the data by :func:`openmm_sbg.flow.train`).
+
+    Examples
+    --------
+    >>> flow = TarFlow.load("flow.pt")
+    >>> x, log_q = flow.sample(1000)          # nm, and log q(x) in nm-space
+    >>> flow.energy(x).sum().backward()       # -log q and its gradient, for annealing
+    """
+
+    def __init__(self, config: FlowConfig | str | dict = "ad2-small", n_atoms: int | None = None, *, target=None, std: float = 1.0):
+        super().__init__()
+        self.config = resolve_config(config)
+        if target is not None:
+            if n_atoms is not None and n_atoms != target.n_atoms:
+                raise ValueError(f"n_atoms={n_atoms} but the target has {target.n_atoms} atoms")
+            n_atoms = target.n_atoms
+        if n_atoms is None or int(n_atoms) < 2:
+            raise ValueError(f"a TarFlow needs n_atoms >= 2 (or a target), got {n_atoms!r}")
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"std must be a positive number of nm, got {std!r}")
+        self.n_atoms = int(n_atoms)
+        self.std = float(std)
+        self.target_identity = None if target is None else checkpoint.target_identity(target)
+        self.metadata: dict = {}
+        cfg = self.config
+        tokens, channels = (self.n_atoms, 3) if cfg.tokens == "atom" else (3 * self.n_atoms, 1)
+        self._token_shape = (tokens, channels)
+        self.blocks = nn.ModuleList(
+            AutoregressiveAffine(tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio, reverse=i % 2 == 1)
+            for i in range(cfg.n_blocks)
+        )
+
+    # -------------------------------------------------------------- properties
+    @property
+    def com_std(self) -> float:
+        """Std (nm) per Cartesian coordinate of the CoM of the flow's samples: ``std / sqrt(N)``."""
+        return self.std / math.sqrt(self.n_atoms)
+
+    @property
+    def dim(self) -> int:
+        """Number of coordinates, ``3N``."""
+        return 3 * self.n_atoms
+
+    def _param(self) -> torch.Tensor:
+        return self.blocks[0].position
+
+    # ---------------------------------------------------- normalised-space flow
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"positions must be a torch tensor [B, {self.n_atoms}, 3] in nm, got {type(x).__name__}")
+        if x.ndim != 3 or tuple(x.shape[1:]) != (self.n_atoms, 3):
+            raise ValueError(f"positions must have shape [batch, {self.n_atoms}, 3] (nm), got {tuple(x.shape)}")
+        param = self._param()
+        return x.to(dtype=param.dtype, device=param.device)
+
+    def normalised_forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised configurations ``y = x / std`` ``[B, N, 3]`` -> ``(z, log|det dz/dy|)``."""
+        h = y.reshape(y.shape[0], *self._token_shape)
+        log_det = h.new_zeros(h.shape[0])
+        for block in self.blocks:
+            h, block_log_det = block(h)
+            log_det = log_det + block_log_det
+        return h.reshape(y.shape), log_det
+
+    def normalised_inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prior sample ``z`` ``[B, N, 3]`` -> ``(y, log|det dy/dz|)``."""
+        h = z.reshape(z.shape[0], *self._token_shape)
+        log_det = h.new_zeros(h.shape[0])
+        for block in reversed(self.blocks):
+            h, block_log_det = block.inverse(h)
+            log_det = log_det + block_log_det
+        return h.reshape(z.shape), log_det
+
+    def nll_per_dim(self, y: torch.Tensor) -> torch.Tensor:
+        """Training loss: ``-log q(y) / 3N`` ``[B]`` for normalised configurations ``y``."""
+        z, log_det = self.normalised_forward(y)
+        return -(_standard_normal_log_prob(z) + log_det) / self.dim
+
+    # -------------------------------------------------------------- nm space
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``x`` ``[B, N, 3]`` (nm) -> ``(z, log|det dz/dx|)``; ``z`` is N(0, I) under the flow."""
+        z, log_det = self.normalised_forward(self._check(x) / self.std)
+        return z, log_det - self.dim * math.log(self.std)
+
+    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent ``z`` ``[B, N, 3]`` -> ``(x in nm, log|det dx/dz|)``."""
+        y, log_det = self.normalised_inverse(self._check(z))
+        return y * self.std, log_det + self.dim * math.log(self.std)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log q(x)`` ``[B]`` of positions ``[B, N, 3]`` in nm (density per nm^3N)."""
+        z, log_det = self.forward(x)
+        return _standard_normal_log_prob(z) + log_det
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """Proposal energy ``-log q(x)`` ``[B]`` in the dtype of ``x``; differentiable in ``x``."""
+        return -self.log_prob(x).to(x.dtype)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` configurations and their ``log q`` in one pass.
+
+        Parameters
+        ----------
+        n
+            Number of samples.
+        generator
+            Optional ``torch.Generator`` (on the flow's device) for reproducible draws.
+        batch_size
+            Samples inverted at a time; bounds the memory of the key/value caches.
+
+        Returns
+        -------
+        x : torch.Tensor
+            ``[n, N, 3]`` positions in nm.
+        log_q : torch.Tensor
+            ``[n]`` log density of each sample in nm-space, equal to :meth:`log_prob` of ``x``.
+        """
+        if int(n) < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        param = self._param()
+        xs, log_qs = [], []
+        for start in range(0, int(n), batch_size):
+            count = min(batch_size, int(n) - start)
+            z = torch.randn(count, self.n_atoms, 3, generator=generator, dtype=param.dtype, device=param.device)
+            x, log_det = self.inverse(z)
+            xs.append(x)
+            log_qs.append(_standard_normal_log_prob(z) - log_det)
+        if not xs:
+            return param.new_empty(0, self.n_atoms, 3), param.new_empty(0)
+        return torch.cat(xs), torch.cat(log_qs)
+
+    # ------------------------------------------------------------ the target
+    def target(self, **target_kwargs):
+        """The :class:`~openmm_sbg.BoltzmannTarget` this flow was trained for, rebuilt from its identity.
+
+        Keyword arguments (e.g. ``platform``) go to the target; a built-in system is rebuilt
+        with :func:`openmm_sbg.systems.get`, any other from the stored System XML and topology.
+        """
+        if self.target_identity is None:
+            raise ValueError("this flow was built without a target, so it cannot rebuild one; pass target= to TarFlow")
+        return checkpoint.target_from_identity(self.target_identity, **target_kwargs)
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_payload(self, state_dict: dict | None = None) -> dict:
+        """The checkpoint dict of this flow (``state_dict`` overrides its own weights)."""
+        weights = self.state_dict() if state_dict is None else state_dict
+        return {
+            "config": self.config.to_dict(),
+            "n_atoms": self.n_atoms,
+            "std": self.std,
+            "com_std": self.com_std,
+            "state_dict": {key: value.detach().cpu().clone() for key, value in weights.items()},
+            "target": self.target_identity,
+            "metadata": dict(self.metadata),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this flow's checkpoint to ``path`` atomically."""
+        checkpoint.write_checkpoint(path, self.checkpoint_payload())
+
+    @classmethod
+    def from_payload(cls, payload: dict, source: str = "<payload>", target=None) -> TarFlow:
+        """Build a flow from a validated checkpoint dict (see :meth:`load`)."""
+        identity = payload["target"]
+        if target is not None:
+            if identity is None:
+                raise ValueError(f"flow checkpoint {source} stores no target, so it cannot be checked against one")
+            checkpoint.check_target(identity, target, source)
+        flow = cls(payload["config"], payload["n_atoms"], std=payload["std"])
+        flow.target_identity = identity
+        flow.metadata = dict(payload["metadata"])
+        try:
+            flow.load_state_dict(payload["state_dict"])
+        except RuntimeError as err:
+            raise ValueError(f"flow checkpoint {source} does not match its own configuration: {err}") from None
+        return flow.eval()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, target=None, map_location: str | torch.device = "cpu") -> TarFlow:
+        """Load a checkpoint written by :meth:`save` or ``openmm-sbg train``.
+
+        Parameters
+        ----------
+        path
+            Checkpoint file.
+        target
+            Optional :class:`~openmm_sbg.BoltzmannTarget`; a checkpoint for another molecule
+            (different atoms, elements, residue or atom names) raises ValueError naming both.
+        map_location
+            Device for the weights.
+        """
+        payload = checkpoint.read_checkpoint(path)
+        return cls.from_payload(payload, repr(os.fspath(path)), target).to(map_location)
+
+    def extra_repr(self) -> str:
+        return f"n_atoms={self.n_atoms}, std={self.std:.4g} nm, config={self.config}"
+
+
+def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """``log N(z; 0, I)`` summed over all but the batch dimension."""
+    flat = z.reshape(z.shape[0], -1)
+    return -0.5 * (flat**2).sum(dim=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)

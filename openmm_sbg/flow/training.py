@@ -1,0 +1,361 @@
+"""Maximum-likelihood training of a TarFlow on MD configurations, with exact resume.
+
+Recipe (Tan et al. 2025): loss NLL / 3N on centred, scaled, randomly rotated configurations
+with CoM noise; AdamW with betas (0.9, 0.95) and weight decay 4e-4; one-cycle learning rate
+with 5% warm-up; batch 512; gradient clipping at 1.0; EMA of the weights (decay 0.999),
+which is what gets validated and saved.
+
+Every random choice of step ``t`` (its batch, rotations and noise) is drawn from a generator
+seeded by ``(seed, t)``, so a run resumed from a checkpoint continues exactly as if it had
+never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.model import TarFlow
+from openmm_sbg.flow.presets import FlowConfig, resolve_config
+from openmm_sbg.flow.symmetry import augment, centred_std, remove_com
+
+# Kinds of random stream, combined with the seed and an index into one generator seed.
+_BATCH_ORDER, _AUGMENT, _VALIDATION, _INIT = range(4)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """Optimisation settings; the defaults are the paper's.
+
+    Parameters
+    ----------
+    epochs
+        Passes over the training frames (used when ``steps`` is None).
+    steps
+        Total optimiser steps; overrides ``epochs``.
+    batch_size
+        Configurations per step (capped at the number of training frames).
+    lr
+        Peak learning rate of the one-cycle schedule.
+    betas, weight_decay
+        AdamW settings.
+    warmup
+        Fraction of the steps spent warming the learning rate up from ``lr / 25``.
+    grad_clip
+        Maximum global gradient norm.
+    ema_decay
+        Decay of the exponential moving average of the weights.
+    seed
+        Seeds the initial weights and every batch, rotation and noise draw.
+    val_frames
+        At most this many held-out frames (evenly spaced) are scored after each epoch.
+    """
+
+    epochs: int = 100
+    steps: int | None = None
+    batch_size: int = 512
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 4e-4
+    warmup: float = 0.05
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    val_frames: int = 2048
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.steps is None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.warmup < 1 or not 0 <= self.ema_decay < 1:
+            raise ValueError(f"invalid training options {self}")
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (lists, not tuples), as stored in checkpoints."""
+        values = dataclasses.asdict(self)
+        values["betas"] = list(self.betas)
+        return values
+
+
+def one_cycle_lr(step: int, total_steps: int, lr: float, warmup: float) -> float:
+    """One-cycle schedule (as ``torch.optim.lr_scheduler.OneCycleLR``, linear warm-up, cosine decay).
+
+    A pure function of ``step``, so resuming needs no scheduler state.
+    """
+    warm = max(1, round(warmup * total_steps))
+    start, end = lr / 25, lr / 25 / 1e4
+    if step < warm:
+        return start + (lr - start) * step / warm
+    progress = (step - warm) / max(1, total_steps - warm)
+    return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(
+    train_positions,
+    val_positions=None,
+    *,
+    target=None,
+    config: FlowConfig | str | dict = "ad2-small",
+    options: TrainOptions | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+    metadata: dict | None = None,
+) -> TarFlow:
+    """Train a TarFlow on configurations ``[T, N, 3]`` (nm) by maximum likelihood.
+
+    Parameters
+    ----------
+    train_positions, val_positions
+        Training and held-out frames, arrays ``[T, N, 3]`` in nm (e.g. from
+        :func:`openmm_sbg.data.load_positions`). Without ``val_positions`` the last 10% of
+        the training frames are held out.
+    target
+        The :class:`~openmm_sbg.BoltzmannTarget` the data samples; stored in the checkpoint
+        so the flow can be checked against and rebuild its molecule.
+    config
+        Flow architecture: preset name, :class:`FlowConfig` or dict.
+    options
+        :class:`TrainOptions` (paper defaults).
+    checkpoint_path
+        Written after every epoch (loadable by :meth:`TarFlow.load` at any time) and at the
+        end. If it holds an unfinished run with the same data, config and options, training
+        resumes from it; a finished run or a different one is an error unless ``overwrite``.
+    overwrite
+        Start afresh even if ``checkpoint_path`` holds a run.
+    device
+        Torch device to train on.
+    progress
+        Show a tqdm progress bar with the training loss and validation NLL.
+    callback
+        Called as ``callback(step, loss)`` after every optimiser step (``step`` counts from 1).
+    metadata
+        Extra entries for the checkpoint's metadata (e.g. the command line and data path).
+
+    Returns
+    -------
+    TarFlow
+        The EMA weights, in eval mode on ``device``; ``flow.metadata`` holds the training record.
+    """
+    options = options or TrainOptions()
+    config = resolve_config(config)
+    train_positions = _as_frames(train_positions, "train_positions")
+    if val_positions is None or len(val_positions) == 0:
+        n_val = max(1, len(train_positions) // 10)
+        train_positions, val_positions = train_positions[:-n_val], train_positions[-n_val:]
+    val_positions = _as_frames(val_positions, "val_positions")
+    n_atoms = train_positions.shape[1]
+    if val_positions.shape[1:] != train_positions.shape[1:]:
+        raise ValueError(f"validation frames have shape {val_positions.shape[1:]}, training frames {train_positions.shape[1:]}")
+    if target is not None and target.n_atoms != n_atoms:
+        raise ValueError(f"the data has {n_atoms} atoms per frame but the target has {target.n_atoms}")
+    if len(train_positions) < 1:
+        raise ValueError("no training frames left after holding out validation frames; pass more data")
+
+    data_sha1 = _fingerprint(train_positions, val_positions)
+    std = centred_std(train_positions)
+    with torch.random.fork_rng(devices=[]):
+        # Seed the initial weights without touching the caller's global RNG.
+        torch.manual_seed(_seed(options.seed, _INIT, 0))
+        flow = TarFlow(config, n_atoms, target=target, std=std)
+    flow.to(device)
+    ema = copy.deepcopy(flow).requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        flow.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
+    )
+    run_key = {"config": config.to_dict(), "options": options.to_dict(), "data_sha1": data_sha1, "n_atoms": n_atoms}
+
+    step, seconds, history = 0, 0.0, []
+    if checkpoint_path is not None and os.path.exists(checkpoint_path) and not overwrite:
+        step, seconds, history = _resume(checkpoint_path, run_key, flow, ema, optimizer)
+        if progress:
+            tqdm.write(f"resuming {os.fspath(checkpoint_path)!r} from step {step}")
+
+    # Normalise once: centre each frame and divide by the scalar std, in float64 for accuracy.
+    y_train = _normalise(train_positions, std, flow)
+    y_val = _normalise(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], std, flow)
+    batch_size = min(options.batch_size, len(y_train))
+    steps_per_epoch = max(1, len(y_train) // batch_size)
+    total_steps = options.steps or options.epochs * steps_per_epoch
+
+    def save(complete: bool) -> None:
+        ema.metadata = {
+            **(metadata or {}),
+            **_record(options, history, seconds, step, steps_per_epoch, len(y_train), len(y_val), data_sha1),
+            "complete": complete,
+        }
+        if checkpoint_path is None:
+            return
+        payload = ema.checkpoint_payload()
+        if not complete:
+            payload["training_state"] = {
+                **run_key,
+                "step": step,
+                "seconds": seconds,
+                "history": history,
+                "model": {key: value.detach().cpu().clone() for key, value in flow.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+            }
+        checkpoint.write_checkpoint(checkpoint_path, payload)
+
+    if step == 0:
+        history.append({"epoch": 0, "step": 0, "val_nll_per_dim": _validate(ema, y_val, options.seed), "seconds": 0.0})
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    epoch_losses: list[float] = []
+    started = time.perf_counter() - seconds
+    flow.train()
+    try:
+        while step < total_steps:
+            epoch, index = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(y_train), generator=_generator(options.seed, _BATCH_ORDER, epoch))
+            batch = y_train[order[index * batch_size : (index + 1) * batch_size].to(y_train.device)]
+            y = augment(batch, _generator(options.seed, _AUGMENT, step, device=y_train.device))
+            loss = flow.nll_per_dim(y).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at step {step}; lower the learning rate (--lr) "
+                    "or check the data for broken frames"
+                )
+            lr = one_cycle_lr(step, total_steps, options.lr, options.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), options.grad_clip)
+            optimizer.step()
+            _update_ema(ema, flow, options.ema_decay, step)
+            step += 1
+            epoch_losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{history[-1]['val_nll_per_dim']:.4f}")
+            if callback is not None:
+                callback(step, loss.item())
+            if step % steps_per_epoch == 0 or step == total_steps:
+                seconds = time.perf_counter() - started
+                history.append(
+                    {
+                        "epoch": math.ceil(step / steps_per_epoch),
+                        "step": step,
+                        "train_nll_per_dim": float(np.mean(epoch_losses)),
+                        "val_nll_per_dim": _validate(ema, y_val, options.seed),
+                        "lr": lr,
+                        "seconds": seconds,
+                    }
+                )
+                epoch_losses = []
+                save(complete=step == total_steps)
+    finally:
+        bar.close()
+    return ema.eval()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _as_frames(positions, name: str) -> np.ndarray:
+    array = np.asarray(positions, dtype=np.float64)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape [frames, atoms, 3] in nm, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite coordinates")
+    return array
+
+
+def _normalise(positions: np.ndarray, std: float, flow: TarFlow) -> torch.Tensor:
+    param = next(flow.parameters())
+    y = remove_com(torch.as_tensor(positions, dtype=torch.float64)) / std
+    return y.to(dtype=param.dtype, device=param.device)
+
+
+def _evenly_spaced(n: int, most: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(int))
+
+
+def _fingerprint(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha1()
+    for array in arrays:
+        digest.update(repr(array.shape).encode())
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _seed(seed: int, kind: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, kind, index]).generate_state(1)[0])
+
+
+def _generator(seed: int, kind: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_seed(seed, kind, index))
+
+
+def _update_ema(ema: TarFlow, flow: TarFlow, decay: float, step: int) -> None:
+    # Ramp the decay up over the first steps so the average is not anchored to the
+    # initial (identity) weights when a run is short.
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for average, current in zip(ema.parameters(), flow.parameters()):
+            average.lerp_(current, 1 - decay)
+
+
+@torch.no_grad()
+def _validate(flow: TarFlow, y_val: torch.Tensor, seed: int, batch_size: int = 1024) -> float:
+    """Mean NLL / 3N of the held-out frames, with one fixed set of rotations and CoM noise."""
+    generator = _generator(seed, _VALIDATION, 0, device=y_val.device)
+    total = 0.0
+    for start in range(0, len(y_val), batch_size):
+        total += flow.nll_per_dim(augment(y_val[start : start + batch_size], generator)).sum().item()
+    return total / len(y_val)
+
+
+def _record(options, history, seconds, step, steps_per_epoch, n_train, n_val, data_sha1) -> dict:
+    import openmm_sbg
+
+    last = history[-1]
+    return {
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "train_seconds": seconds,
+        "val_nll_per_dim": last["val_nll_per_dim"],
+        "train_nll_per_dim": last.get("train_nll_per_dim"),
+        "n_train": n_train,
+        "n_val": n_val,
+        "data_sha1": data_sha1,
+        "options": options.to_dict(),
+        "history": history,
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "openmm_sbg_version": openmm_sbg.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not a plain str
+    }
+
+
+def _resume(path, run_key: dict, flow: TarFlow, ema: TarFlow, optimizer) -> tuple[int, float, list]:
+    """Restore an unfinished run from ``path``; refuse a finished or different one."""
+    payload = checkpoint.read_checkpoint(path)
+    state = payload.get("training_state")
+    if state is None:
+        raise ValueError(
+            f"{os.fspath(path)!r} already holds a finished flow; write to another file or pass "
+            "overwrite=True (--overwrite) to train from scratch"
+        )
+    differs = [key for key, value in run_key.items() if state.get(key) != value]
+    if differs:
+        raise ValueError(
+            f"{os.fspath(path)!r} holds an unfinished run with a different {', '.join(differs)}; "
+            "rerun with the same settings to resume it, or pass overwrite=True (--overwrite) to start afresh"
+        )
+    flow.load_state_dict(state["model"])
+    ema.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
+    return state["step"], state["seconds"], list(state["history"])

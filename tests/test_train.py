@@ -1,0 +1,106 @@
+"""Training: the loss goes down, runs resume exactly, checkpoints are safe; the CLI command."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_sbg import cli
+from openmm_sbg.flow import FlowConfig, TarFlow, TrainOptions, train
+from openmm_sbg.flow.training import one_cycle_lr
+from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+from test_flow import one_thread  # noqa: F401  (autouse fixture)
+
+TINY = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=1)
+
+
+
+def thermal_frames(target, n, sigma=0.01, seed=0) -> np.ndarray:
+    """``n`` frames of the target's structure with Gaussian jitter (nm): cheap ad2-like data."""
+    rng = np.random.default_rng(seed)
+    return (target.positions[None] + rng.normal(scale=sigma, size=(n, target.n_atoms, 3))).astype(np.float32)
+
+
+def test_short_training_lowers_validation_nll(ad2):
+    frames = thermal_frames(ad2, 400)
+    options = TrainOptions(steps=40, batch_size=64, lr=3e-3, seed=0)
+    flow = train(frames[:320], frames[320:], target=ad2, config=TINY, options=options, progress=False)
+    history = flow.metadata["history"]
+    assert history[0]["step"] == 0 and history[-1]["step"] == 40
+    assert flow.metadata["val_nll_per_dim"] < history[0]["val_nll_per_dim"] - 0.1
+    assert flow.metadata["complete"] and flow.metadata["n_train"] == 320
+    assert flow.std == pytest.approx(float(np.std(frames[:320] - frames[:320].mean(1, keepdims=True))), rel=1e-4)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, ad2):
+    frames = thermal_frames(ad2, 120)
+    options = TrainOptions(steps=10, batch_size=32, lr=1e-3)  # 3 steps per epoch
+    kwargs = dict(target=ad2, config=TINY, options=options, progress=False)
+    reference = train(frames[:100], frames[100:], checkpoint_path=tmp_path / "ref.pt", **kwargs)
+
+    def interrupt(step, loss):
+        if step == 8:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(frames[:100], frames[100:], checkpoint_path=path, callback=interrupt, **kwargs)
+    partial = TarFlow.load(path, target=ad2)  # the epoch checkpoint is a usable flow
+    assert partial.metadata["steps"] == 6 and not partial.metadata["complete"]
+    resumed = train(frames[:100], frames[100:], checkpoint_path=path, **kwargs)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=0, rtol=0)
+    assert resumed.metadata["val_nll_per_dim"] == reference.metadata["val_nll_per_dim"]
+    # A finished run is not silently retrained; different settings do not resume.
+    with pytest.raises(ValueError, match="finished flow"):
+        train(frames[:100], frames[100:], checkpoint_path=path, **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        train(frames[:100], frames[100:], checkpoint_path=path, callback=interrupt, overwrite=True, **kwargs)
+    other = dict(kwargs, options=TrainOptions(steps=10, batch_size=32, lr=2e-3))
+    with pytest.raises(ValueError, match="different options"):
+        train(frames[:100], frames[100:], checkpoint_path=path, **other)
+
+
+def test_finished_checkpoint_is_small_and_round_trips(tmp_path, ad2):
+    frames = thermal_frames(ad2, 60)
+    flow = train(frames, target=ad2, config=TINY, options=TrainOptions(steps=2, batch_size=16), progress=False,
+                 checkpoint_path=tmp_path / "flow.pt")
+    payload = torch.load(tmp_path / "flow.pt", weights_only=True)
+    assert "training_state" not in payload  # no optimiser state in a finished file
+    assert flow.metadata["n_train"] == 54 and flow.metadata["n_val"] == 6  # last 10% held out
+
+
+def test_one_cycle_schedule():
+    lrs = [one_cycle_lr(step, 100, 1e-3, 0.05) for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 / 25)
+    assert max(lrs) == pytest.approx(1e-3) and int(np.argmax(lrs)) == 5
+    assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_train_rejects_bad_data(ad2):
+    with pytest.raises(ValueError, match="frames, atoms, 3"):
+        train(np.zeros((10, 22)), target=ad2, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        train(np.full((10, 22, 3), np.nan), target=ad2, progress=False)
+    with pytest.raises(ValueError, match="target has 22"):
+        train(np.random.default_rng(0).normal(size=(10, 5, 3)), target=ad2, progress=False)
+
+
+def test_cli_train_writes_flow_and_summary(tmp_path, ad2, capsys):
+    frames = thermal_frames(ad2, 100)
+    data = tmp_path / "md.h5"
+    write_trajectory(str(data), ad2, frames, np.zeros(100), split_labels(100), MDConfig(n_frames=100))
+    out = tmp_path / "flow.pt"
+    argv = ["train", "ad2", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "16",
+            "--no-progress", "--summary", str(tmp_path / "summary.json")]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_train"] == 80 and summary["n_val"] == 10 and summary["steps"] == 3
+    assert math.isfinite(summary["val_nll_per_dim"])
+    flow = TarFlow.load(out, target=ad2)
+    assert flow.metadata["data"] == str(data) and flow.target().name == "ad2"
+    # Rerunning the finished command is refused with a clear message, not retrained.
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
