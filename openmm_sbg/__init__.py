@@ -18,6 +18,7 @@ _LAZY = {
     "systems": ("openmm_sbg.systems", None),
     "metrics": ("openmm_sbg.metrics", None),
     "data": ("openmm_sbg.data", None),
+    "shipped": ("openmm_sbg.shipped", None),
 }
 
 __all__ = ["__version__", *_LAZY]
