@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow", required=True, help="flow checkpoint (.pt) from `openmm-sbg train`")
     parser.add_argument("--out", required=True, help="samples file to write (.h5: mdtraj trajectory + log_weights, energies_kT)")
     parser.add_argument("--n-particles", type=int, default=1000, help="proposals drawn / particles kept (default 1000)")
-    parser.add_argument("--n-steps", type=int, default=100, help="annealing steps; 0 = importance sampling (default 100)")
+    parser.add_argument("--n-steps", type=int, default=100, help="annealing steps (the most, for --schedule adaptive); 0 = importance sampling (default 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernel", choices=["ula", "mala"], default="ula", help="Langevin move: unadjusted (paper) or Metropolis-adjusted")
     parser.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE, help=f"Langevin step size in nm^2 (default {DEFAULT_STEP_SIZE:g})")

@@ -228,7 +228,7 @@ class SMCSampler:
             initial=run["step"],
             desc="SMC" if self.schedule is not None else "IS",
             unit="step",
-            disable=not self.progress,
+            disable=not self.progress or self.schedule is None,
         )
         with bar:
             while self.schedule is not None and run["t"] < 1.0:
