@@ -196,3 +196,25 @@ class _Spring(GaussianTarget):
 
     def _energy(self, x):
         return (x[:, 0] - x[:, 1]).square().sum(-1) / (2 * self.tau**2)
+
+
+def _stay(state, t, potential, step_size, noise, uniform):
+    return state, KernelInfo(acceptance=torch.ones(len(noise)))
+
+
+def _break_half_at_the_end(state, t, potential, step_size, noise, uniform):
+    if t < 1.0:
+        return _stay(state, t, potential, step_size, noise, uniform)
+    x = state.x.clone()
+    x[::2] = torch.nan
+    return potential(x), KernelInfo(acceptance=torch.ones(len(noise)))
+
+
+def test_a_final_move_onto_nonfinite_energies_zeroes_weights_but_keeps_log_z(shifted_gaussian):
+    target, proposal = shifted_gaussian
+    options = dict(com_adjustment="none", progress=False)
+    intact = SMCSampler(target, proposal, 200, 4, kernel=_stay, **options).run(0)
+    broken = SMCSampler(target, proposal, 200, 4, kernel=_break_half_at_the_end, **options).run(0)
+    assert broken.log_z == intact.log_z and broken.ess == intact.ess
+    assert np.isneginf(broken.log_weights[::2]).all() and (broken.log_weights[1::2] == 0).all()
+    assert np.isfinite(broken.weights).all() and (broken.weights[::2] == 0).all()

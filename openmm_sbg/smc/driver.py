@@ -238,7 +238,7 @@ class SMCSampler:
                 if run["step"] % self.checkpoint_every == 0:
                     self._save_checkpoint(run)
         if self.schedule is None:
-            self._reweight_and_resample(run, final=True)
+            self._maybe_resample(run, final=True)
         return self._result(run, seed, time.perf_counter() - started)
 
     def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
@@ -287,13 +287,17 @@ class SMCSampler:
             },
             "diagnostics": {k: [] for k in ("t", "ess", "acceptance", "resampled", "step_size", "n_alive", "log_z")},
             "final_ess": None,
+            "final_log_z": None,
         }
 
-    def _reweight_and_resample(self, run: dict, final: bool, generator: torch.Generator | None = None) -> bool:
+    def _maybe_resample(self, run: dict, final: bool, generator: torch.Generator | None = None) -> bool:
         """Resample ``run`` if its ESS is below the threshold (or ``final`` and resample_at_end)."""
         ess = normalised_ess(run["log_w"])
         if final:
+            # The weights at t = 1 are final here: a later move that lands a particle on a
+            # non-finite energy zeroes its weight but must not change these.
             run["final_ess"] = ess
+            run["final_log_z"] = run["log_z_offset"] + log_mean_weight(run["log_w"], run["n_norm"])
         if not (ess < self.resample_threshold or (final and self.resample_at_end)):
             return False
         owns_generator = generator is None
@@ -319,7 +323,7 @@ class SMCSampler:
             raise RuntimeError(f"the schedule went from t={t} to t={t_next}; times must increase up to 1")
         run["log_w"] = run["log_w"] + jarzynski_increment(state.e_source, state.e_target, t, t_next)
         ess = normalised_ess(run["log_w"])
-        resampled = self._reweight_and_resample(run, final=t_next == 1.0, generator=generator)
+        resampled = self._maybe_resample(run, final=t_next == 1.0, generator=generator)
 
         step_size = run["step_size"]
         mean_acceptance, n_alive = self._move(run, t_next, step_size, generator)
@@ -327,7 +331,7 @@ class SMCSampler:
             run["step_size"] = adapt_step_size(step_size, mean_acceptance, self.target_acceptance)
 
         run.update(t=t_next, step=run["step"] + 1, generator=generator.get_state())
-        log_z = run["log_z_offset"] + log_mean_weight(run["log_w"], run["n_norm"])
+        log_z = run["final_log_z"] if t_next == 1.0 else run["log_z_offset"] + log_mean_weight(run["log_w"], run["n_norm"])
         for key, value in zip(
             ("t", "ess", "acceptance", "resampled", "step_size", "n_alive", "log_z"),
             (t_next, ess, mean_acceptance, resampled, step_size, n_alive, log_z),
@@ -364,7 +368,6 @@ class SMCSampler:
 
     def _result(self, run: dict, seed: int, seconds: float) -> SMCResult:
         state = run["state"]
-        log_z = run["log_z_offset"] + log_mean_weight(run["log_w"], run["n_norm"])
         diagnostics = {key: np.asarray(values) for key, values in run["diagnostics"].items()}
         info = {
             **self._settings,
@@ -379,7 +382,7 @@ class SMCSampler:
             positions=state.x.numpy().copy(),
             log_weights=run["log_w"].numpy().copy(),
             energies=self.physical_energy(state).numpy(),
-            log_z=log_z,
+            log_z=run["final_log_z"],
             ess=run["final_ess"],
             diagnostics=diagnostics,
             topology=getattr(self.target, "topology", None),
