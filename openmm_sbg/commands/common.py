@@ -22,7 +22,8 @@ def add_system_arguments(parser: argparse.ArgumentParser) -> None:
         "--cutoff", type=float, default=None,
         help="nonbonded cutoff in nm for --pdb (CutoffNonPeriodic); default: no cutoff",
     )
-    parser.add_argument("--platform", default=None, help="OpenMM platform (Reference, CPU, CUDA, OpenCL); default: fastest")
+    parser.add_argument("--platform", default=None, help="OpenMM platform (Reference, CPU, CUDA, OpenCL); default: OpenMM's choice. "
+             "For peptides of a few dozen atoms on a CPU, Reference is several times faster than CPU")
 
 
 def target_from_args(args: argparse.Namespace):
