@@ -7,7 +7,9 @@ train / validation / test split by contiguous time blocks.
 A run keeps its progress in ``<out>.work/``: frames in chunks, an OpenMM checkpoint and a
 small JSON progress file, each written atomically in that order, so a run killed at any
 moment resumes from its last checkpoint and ends with exactly the frames an uninterrupted
-run would have. The output file appears only when the run is complete.
+run would have. The output file appears only when the run is complete. Resuming with a
+larger frame count extends the run; with a smaller one it finishes at once with the first
+frames already made.
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ def run_md(
     else:
         saved = {k: state[k] for k in settings}
         saved["config"]["split_fractions"] = tuple(saved["config"]["split_fractions"])
+        # n_frames may change between calls: a run can be extended, or finished early with
+        # the frames it has. Everything that shapes the dynamics must match.
+        saved["config"]["n_frames"] = config.n_frames
         if saved != settings:
             raise ValueError(
                 f"{work.path} holds an interrupted run with other settings ({saved}); delete that folder "
@@ -191,7 +196,7 @@ def run_md(
     bar.close()
     wall = time.perf_counter() - start
 
-    xyz, energies = work.load_frames(chunks_done)
+    xyz, energies = (a[: config.n_frames] for a in work.load_frames(chunks_done))
     write_trajectory(out, target, xyz, energies, split_labels(len(xyz), config.split_fractions), config)
     shutil.rmtree(work.path)
     ns_per_frame = config.steps_per_frame * config.timestep_fs * 1e-6

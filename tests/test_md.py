@@ -78,3 +78,13 @@ def test_md_command_writes_file_and_summary(tmp_path, capsys):
 def test_md_command_reports_bad_input_without_traceback(tmp_path, capsys):
     code = main(["md", "--pdb", str(tmp_path / "missing.pdb"), "--ns", "1", "--out", str(tmp_path / "x.h5")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_run_can_be_finished_early_or_extended(ad2, tmp_path):
+    out = str(tmp_path / "md.h5")
+    run_md(ad2, out, CONFIG, platform="Reference", progress=False, stop_after_frames=12)
+    shorter = MDConfig(**{**CONFIG.__dict__, "n_frames": 8})
+    assert run_md(ad2, out, shorter, platform="Reference", progress=False)["frames"] == 8
+    whole = str(tmp_path / "whole.h5")
+    run_md(ad2, whole, CONFIG, platform="Reference", progress=False)
+    np.testing.assert_array_equal(load_positions(out, ad2), load_positions(whole, ad2)[:8])
