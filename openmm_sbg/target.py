@@ -75,7 +75,8 @@ class BoltzmannTarget:
         Optional identifier (built-in systems use their name, e.g. ``"ad2"``).
     backend
         ``"auto"`` (default: the batched torch force field if it supports every force, else
-        OpenMM with a notice), ``"torch"``, ``"openmm"``,
+        OpenMM with a notice), ``"torch"``, ``"torch-compiled"`` (``torch.compile``: slow first
+        call, fastest afterwards), ``"openmm"``,
         or an :class:`~openmm_sbg.energy.EnergyBackend` instance.
     platform
         OpenMM platform for the OpenMM backend (``None``: OpenMM's choice).
@@ -115,8 +116,8 @@ class BoltzmannTarget:
             return backend
         from openmm_sbg.energy import OpenMMBackend, TorchForceField, UnsupportedForceError
 
-        if backend == "torch":
-            return TorchForceField(self.system)
+        if backend in ("torch", "torch-compiled"):
+            return TorchForceField(self.system, compile=backend == "torch-compiled")
         if backend == "auto":
             try:
                 return TorchForceField(self.system)
@@ -126,7 +127,7 @@ class BoltzmannTarget:
                 return fallback
         if backend == "openmm":
             return OpenMMBackend(self.system, platform)
-        raise ValueError(f"backend must be 'auto', 'torch', 'openmm' or an EnergyBackend instance, got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'torch', 'torch-compiled', 'openmm' or an EnergyBackend instance, got {backend!r}")
 
     # ------------------------------------------------------------------ energies
     def energy_and_forces(self, x, allow_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

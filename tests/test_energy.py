@@ -136,7 +136,7 @@ def test_large_batches_are_chunked_without_changing_results():
     x = configurations("ad2")
     whole = TorchForceField(system).energy_and_forces(x)
     chunked_backend = TorchForceField(system, max_pair_elements=1)
-    assert chunked_backend.chunk_size == 1
+    assert chunked_backend.chunk_size() == 1
     for a, b in zip(whole, chunked_backend.energy_and_forces(x)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
 
@@ -194,3 +194,14 @@ def test_process_pool_matches_a_single_context():
         assert_matches("process pool", energy, forces, *OpenMMBackend(system, "Reference").energy_and_forces(x))
         torch.testing.assert_close(pool.energy(x), energy, rtol=1e-12, atol=1e-9)
         assert pool.energy(x.float()).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_backend_matches_openmm():
+    """torch.compile'd evaluation (one compile, padded chunks) gives OpenMM's numbers in float64."""
+    system = _grouped("ad2")
+    backend = TorchForceField(system, compile=True, max_pair_elements=4 * 700)
+    x = configurations("ad2")  # 5 configurations: one full chunk of 4 and one padded chunk
+    reference = OpenMMBackend(system, "Reference")
+    assert_matches("compiled", *backend.energy_and_forces(x), *reference.energy_and_forces(x))
+    torch.testing.assert_close(backend.energy(x[:3]), reference.energy(x[:3]), rtol=1e-6, atol=1e-6)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 import openmm
@@ -37,9 +38,11 @@ _ACE_PROBE_RADIUS = 0.14
 #: OBC2 (GBSAOBCForce) Born-radius coefficients alpha, beta, gamma.
 _OBC2_COEFFICIENTS = (1.0, 0.8, 4.85)
 
-#: Cap on ``batch * pairs`` per chunk: keeps the autograd graph of the pair terms to a few
-#: hundred MB in float64 however large the batch (chignolin: ~100 configurations per chunk).
-DEFAULT_MAX_PAIR_ELEMENTS = 2**20
+#: Default cap on ``batch * pairs`` per chunk. On CPU, chunks that fit in cache run fastest
+#: (measured: 2**16-2**18 beat both smaller and larger ones); on GPUs larger chunks fill the
+#: device, and the cap only bounds memory.
+CPU_PAIR_ELEMENTS = 2**17
+GPU_PAIR_ELEMENTS = 2**23
 
 
 class UnsupportedForceError(ValueError):
@@ -597,13 +600,22 @@ class TorchForceField(EnergyBackend):
         Optional set of force groups to evaluate, as in ``Context.getState(groups=...)``.
     max_pair_elements
         Largest ``batch * pairs`` evaluated at once; bigger batches are split into chunks so
-        memory stays bounded. Results do not depend on it.
+        memory stays bounded and, on CPU, data stays in cache. Default: ``CPU_PAIR_ELEMENTS``
+        on CPU, ``GPU_PAIR_ELEMENTS`` elsewhere. Results do not depend on it.
+    compile
+        Compile the evaluation with ``torch.compile`` (needs a C++ compiler on CPU, Triton on
+        GPU). The first call for each device and dtype takes tens of seconds; afterwards fused
+        kernels run several times faster than eager torch. Batches are evaluated in chunks of
+        one fixed size (the last one padded), so nothing is compiled twice. Worth it for long
+        runs (SMC, benchmarks), not for a few calls.
 
     Notes
     -----
     Works on any device and dtype: parameters are copied to the input's device and dtype on
     first use. Use float64 to reproduce OpenMM to round-off; float32 is faster and accurate
-    to about 1e-5 relative for well-formed configurations.
+    to about 1e-5 relative for well-formed configurations. Forces are analytic (computed with
+    the energy, no autograd graph); :meth:`energy` is still differentiable with respect to
+    the positions through a custom autograd function.
     """
 
     name = "torch"
@@ -612,7 +624,8 @@ class TorchForceField(EnergyBackend):
         self,
         system: openmm.System,
         groups: set[int] | None = None,
-        max_pair_elements: int = DEFAULT_MAX_PAIR_ELEMENTS,
+        max_pair_elements: int | None = None,
+        compile: bool = False,
     ):
         terms, problems = [], []
         for force in system.getForces():
@@ -628,15 +641,35 @@ class TorchForceField(EnergyBackend):
             raise UnsupportedForceError("the torch force field cannot evaluate this System: " + "; ".join(problems))
         self._terms = torch.nn.ModuleList(terms)
         self.n_atoms = system.getNumParticles()
-        pairs = sum(t.n_pairs for t in self._terms)
-        self.chunk_size = max(1, max_pair_elements // max(pairs, 1))
-        self._copies: dict[tuple[torch.device, torch.dtype], torch.nn.ModuleList] = {}
+        self._pairs = max(1, sum(t.n_pairs for t in self._terms))
+        self._max_pair_elements = max_pair_elements
+        self.compile = compile
+        if compile:
+            self.name = "torch-compiled"
+        self._chunk_functions: dict[tuple[torch.device, torch.dtype, bool], Callable] = {}
 
-    def _terms_for(self, x: torch.Tensor) -> torch.nn.ModuleList:
-        key = (x.device, x.dtype)
-        if key not in self._copies:
-            self._copies[key] = copy.deepcopy(self._terms).to(device=x.device, dtype=x.dtype)
-        return self._copies[key]
+    def chunk_size(self, device: torch.device | str = "cpu") -> int:
+        """Configurations evaluated at once on ``device``."""
+        cap = self._max_pair_elements
+        if cap is None:
+            cap = CPU_PAIR_ELEMENTS if torch.device(device).type == "cpu" else GPU_PAIR_ELEMENTS
+        return max(1, cap // self._pairs)
+
+    def _chunk_function(self, x: torch.Tensor, forces: bool) -> Callable:
+        """``f(xt [N, B, 3]) -> (energy [B], dU/dx [N, B, 3] | None)`` for x's device and dtype."""
+        key = (x.device, x.dtype, forces)
+        if key not in self._chunk_functions:
+            terms = copy.deepcopy(self._terms).to(device=x.device, dtype=x.dtype)
+
+            def evaluate(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                grad = torch.zeros_like(xt) if forces else None
+                energy = xt.new_zeros(xt.shape[1])
+                for term in terms:
+                    energy = energy + term(xt, grad)
+                return energy, grad
+
+            self._chunk_functions[key] = torch.compile(evaluate) if self.compile else evaluate
+        return self._chunk_functions[key]
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
@@ -646,18 +679,20 @@ class TorchForceField(EnergyBackend):
 
     def _evaluate(self, x: torch.Tensor, forces: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Energies ``[B]`` and, if ``forces``, gradients dU/dx ``[B, N, 3]``, chunk by chunk."""
-        terms = self._terms_for(x)
+        evaluate = self._chunk_function(x, forces)
+        size = self.chunk_size(x.device)
         energies, grads = [], []
-        for chunk in x.detach().split(self.chunk_size):
+        for chunk in x.detach().split(size):
+            n = chunk.shape[0]
+            if self.compile and n < size:
+                # Compiled code is specialised to one shape: pad with copies of a real
+                # configuration rather than compile again for every batch size.
+                chunk = torch.cat([chunk, chunk[-1:].expand(size - n, -1, -1)])
             # Atom-major layout: gathering and scattering atoms moves contiguous [B, 3] blocks.
-            xt = chunk.transpose(0, 1).contiguous()
-            grad = torch.zeros_like(xt) if forces else None
-            energy = chunk.new_zeros(chunk.shape[0])
-            for term in terms:
-                energy = energy + term(xt, grad)
-            energies.append(energy)
+            energy, grad = evaluate(chunk.transpose(0, 1).contiguous())
+            energies.append(energy[:n])
             if forces:
-                grads.append(grad.transpose(0, 1))
+                grads.append(grad[:, :n].transpose(0, 1))
         return torch.cat(energies), torch.cat(grads) if forces else None
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""Force-field throughput: batched torch backend vs OpenMM, in configurations per second.
+
+Compares, in one run and on one machine:
+
+- ``torch-f32`` / ``torch-f64``: :class:`~openmm_sbg.energy.TorchForceField` on CPU (and on
+  CUDA when available), energies and forces for the whole batch in one call;
+- ``openmm-loop``: one OpenMM Context on the CPU platform, a Python loop over the batch
+  (the paper's approach);
+- ``openmm-pool``: :class:`~openmm_sbg.energy.ProcessPoolBackend`, one single-threaded CPU
+  Context per core.
+
+Run ``python benchmarks/energy.py`` (a few minutes); it rewrites the "Energy backends"
+section of ``benchmarks/RESULTS.md`` and leaves the other sections alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import openmm
+import torch
+
+from openmm_sbg import systems
+from openmm_sbg.energy import EnergyBackend, OpenMMBackend, ProcessPoolBackend, TorchForceField
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## Energy backends"
+#: The one-Context loop costs the same per configuration at every batch size, so it is timed
+#: on at most this many configurations (keeps the run to minutes).
+LOOP_SAMPLE = 256
+
+
+def throughput(backend: EnergyBackend, x: torch.Tensor, min_seconds: float) -> float:
+    """Configurations per second of ``backend.energy_and_forces(x)`` (best of repeated calls)."""
+    backend.energy_and_forces(x)  # warm-up: parameter copies, allocator, thread pools
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    best, spent = float("inf"), 0.0
+    while spent < min_seconds:
+        start = time.perf_counter()
+        backend.energy_and_forces(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return x.shape[0] / best
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        names = re.findall(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = names[0] if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    load = ", load average at start %.1f / %.1f / %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"OpenMM {openmm.__version__}, Python {platform.python_version()}{load}"
+    )
+
+
+def run(names: list[str], batch_sizes: list[int], min_seconds: float) -> str:
+    rows = []
+    for name in names:
+        target = systems.get(name, backend="openmm")
+        system = target.system
+        rng = np.random.default_rng(0)
+        x_all = torch.from_numpy(target.positions[None] + 0.02 * rng.normal(size=(max(batch_sizes), target.n_atoms, 3)))
+        torch_backend = TorchForceField(system)
+        loop = OpenMMBackend(system, "CPU")
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        with ProcessPoolBackend(system, platform="CPU") as pool:
+            pool.energy_and_forces(x_all[: pool.n_workers])  # start the workers outside the timings
+            loop_rate = throughput(loop, x_all[:LOOP_SAMPLE], min_seconds)
+            for batch in batch_sizes:
+                x = x_all[:batch]
+                row = {"system": name, "batch": batch, "openmm-loop": loop_rate}
+                for device in devices:
+                    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+                        suffix = "" if device == "cpu" else "-cuda"
+                        row[f"torch-{tag}{suffix}"] = throughput(torch_backend, x.to(device, dtype), min_seconds)
+                row["openmm-pool"] = throughput(pool, x, min_seconds)
+                rows.append(row)
+                print(", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return table(rows)
+
+
+def table(rows: list[dict]) -> str:
+    columns = [c for c in rows[0] if c not in ("system", "batch")]
+    torch_columns = [c for c in columns if c.startswith("torch")]
+    head = ["system", "batch", *columns, *[f"{c} / loop" for c in torch_columns], "pool / loop"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["system"], str(row["batch"]), *[f"{row[c]:,.0f}" for c in columns]]
+        cells += [f"{row[c] / row['openmm-loop']:.1f}x" for c in torch_columns]
+        cells.append(f"{row['openmm-pool'] / row['openmm-loop']:.1f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_section(body: str) -> None:
+    """Replace (or append) the "Energy backends" section of RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = f"{HEADING}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--systems", nargs="+", default=["ad2", "al6"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="time spent per measurement")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    info = machine()
+    print(info, flush=True)
+    results = run(args.systems, args.batch_sizes, args.min_seconds)
+    body = f"""Configurations per second for energies + forces (`python benchmarks/energy.py`), measured in
+one run. Machine: {info}.
+
+`openmm-loop` is one OpenMM Context on the CPU platform called once per configuration (the
+paper's approach; timed on {LOOP_SAMPLE} configurations, its cost per configuration does not
+depend on the batch). `openmm-pool` is `ProcessPoolBackend` with one single-threaded CPU
+Context per core. `torch-f32`/`torch-f64` are `TorchForceField` in float32/float64 (best of
+repeated calls). The machine is shared, so absolute numbers vary from run to run; the
+ratios are measured side by side.
+
+{results}
+"""
+    print(results)
+    if not args.no_write:
+        write_section(body)
+
+
+if __name__ == "__main__":
+    main()
