@@ -43,10 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from openmm_sbg import distributed
     from openmm_sbg.flow import TarFlow
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if distributed.is_launched():
+        # Under torchrun each process samples a slice of the particles on its own device.
+        args.device = str(distributed.init(args.device).device)
     if not os.path.exists(args.flow):
         raise FileNotFoundError(f"no flow checkpoint at {args.flow!r}; train one with `openmm-sbg train`")
     if args.system is None and args.pdb is None:
@@ -87,17 +91,21 @@ def sample(target, flow, out: str, seed: int = 0, restart: bool = False, **optio
     The run checkpoints to ``out + ".ckpt"``; calling again with the same arguments resumes
     from it (``restart=True`` ignores it). The checkpoint is removed once ``out`` is written.
     """
-    from openmm_sbg import metrics
+    from openmm_sbg import distributed, metrics
     from openmm_sbg.smc import SMCSampler
 
     if os.path.splitext(out)[1].lower() not in (".h5", ".hdf5"):
         raise ValueError(f"--out must be an HDF5 file ending in .h5, got {out!r}")
     checkpoint = out + ".ckpt"
     resuming = os.path.exists(checkpoint) and not restart
+    launched = distributed.is_launched()
+    if launched:
+        from openmm_sbg.distributed.sharded_smc import ShardedSMCSampler as SMCSampler
     sampler = SMCSampler(target, flow, checkpoint_path=checkpoint, **options)
     result = sampler.run(seed=seed, resume=resuming)
-    result.save(out)
-    os.remove(checkpoint)
+    if not launched or sampler.rank == 0:  # every process holds the result; one writes it
+        result.save(out)
+        os.remove(checkpoint)
     diagnostics = result.diagnostics
     alive = result.weights > 0
     summary = {

@@ -38,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from openmm_sbg import data
+    from openmm_sbg import data, distributed
     from openmm_sbg.flow import TrainOptions, train
+
+    if distributed.is_launched():
+        # Under torchrun: DistributedDataParallel, same checkpoint, written by rank 0.
+        from openmm_sbg.distributed.ddp_train import train_distributed as train
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

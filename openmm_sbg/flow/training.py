@@ -116,6 +116,7 @@ def train(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     metadata: dict | None = None,
+    parallel=None,
 ) -> TarFlow:
     """Train a TarFlow on configurations ``[T, N, 3]`` (nm) by maximum likelihood.
 
@@ -146,6 +147,12 @@ def train(
         Called as ``callback(step, loss)`` after every optimiser step (``step`` counts from 1).
     metadata
         Extra entries for the checkpoint's metadata (e.g. the command line and data path).
+    parallel
+        Data parallelism over processes, e.g. :class:`openmm_sbg.distributed.DataParallel`:
+        ``parallel.wrap(flow)`` is the per-sample loss function (a DistributedDataParallel
+        module), ``parallel.shard(batch)`` this process's part of each global batch,
+        ``parallel.mean(loss)`` the loss averaged over processes, and only the process whose
+        ``parallel.writes_checkpoints`` is true writes ``checkpoint_path``.
 
     Returns
     -------
@@ -199,7 +206,7 @@ def train(
             **_record(options, history, seconds, step, steps_per_epoch, len(y_train), len(y_val), data_sha1),
             "complete": complete,
         }
-        if checkpoint_path is None:
+        if checkpoint_path is None or (parallel is not None and not parallel.writes_checkpoints):
             return
         payload = ema.checkpoint_payload()
         if not complete:
@@ -219,16 +226,21 @@ def train(
     epoch_losses: list[float] = []
     started = time.perf_counter() - seconds
     flow.train()
+    nll = flow.nll_per_dim if parallel is None else parallel.wrap(flow)
     try:
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
             order = torch.randperm(len(y_train), generator=_generator(options.seed, _BATCH_ORDER, epoch))
             batch = y_train[order[index * batch_size : (index + 1) * batch_size].to(y_train.device)]
             y = augment(batch, _generator(options.seed, _AUGMENT, step, device=y_train.device))
-            loss = flow.nll_per_dim(y).mean()
-            if not torch.isfinite(loss):
+            if parallel is not None:
+                # Augment the whole batch first so each process sees the rows a single process would.
+                y = parallel.shard(y)
+            loss = nll(y).mean()
+            loss_value = loss.item() if parallel is None else parallel.mean(loss)
+            if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"training loss became {loss.item()} at step {step}; lower the learning rate (--lr) "
+                    f"training loss became {loss_value} at step {step}; lower the learning rate (--lr) "
                     "or check the data for broken frames"
                 )
             lr = one_cycle_lr(step, total_steps, options.lr, options.warmup)
@@ -240,11 +252,11 @@ def train(
             optimizer.step()
             _update_ema(ema, flow, options.ema_decay, step)
             step += 1
-            epoch_losses.append(loss.item())
+            epoch_losses.append(loss_value)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{history[-1]['val_nll_per_dim']:.4f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{history[-1]['val_nll_per_dim']:.4f}")
             if callback is not None:
-                callback(step, loss.item())
+                callback(step, loss_value)
             if step % steps_per_epoch == 0 or step == total_steps:
                 seconds = time.perf_counter() - started
                 history.append(

@@ -255,7 +255,10 @@ class SMCSampler:
         """Draw, evaluate and filter the proposals: the state of the run at t = 0."""
         flow_generator, generator = self._generators(seed)
         x = draw_proposals(self.flow, self.n_particles, self.batch_size, flow_generator)
-        state = self.potential(x, need_grad=self.schedule is not None)
+        return self._initial_run(seed, self.potential(x, need_grad=self.schedule is not None), generator)
+
+    def _initial_run(self, seed: int, state: PathState, generator: torch.Generator) -> dict:
+        """Filter the evaluated proposals ``state`` and set up the run at t = 0."""
         # The filters judge proposals by their importance weights exp(E_S - E_T).
         log_w = jarzynski_increment(state.e_source, state.e_target, 0.0, 1.0)
         keep = energy_cutoff_filter(self.physical_energy(state), self.energy_cutoff)

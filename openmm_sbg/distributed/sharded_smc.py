@@ -1,0 +1,258 @@
+"""SMC with the particles split over processes: :class:`ShardedSMCSampler`.
+
+Each process holds a contiguous slice of the particles and does the expensive work for it:
+drawing its proposals, the flow and force-field evaluations, the Langevin moves. Everything
+that couples particles is global and replicated: every process keeps the log-weights and the
+two path energies of *all* particles (a few numbers per particle, refreshed with an
+``all_gather`` after each move), so the schedule, ESS, log Z, filters and resampling indices
+are computed by the unchanged :class:`~openmm_sbg.smc.SMCSampler` code on identical inputs in
+every process, with the same generator state. Resampling then moves each particle to the
+process that holds its new slot (``all_to_all``), and the slices are rebalanced.
+
+Random numbers are drawn exactly as one process draws them (each process draws the whole
+step's noise and keeps its rows), so for the same seed the result equals the single-process
+run's; to the last bit when the flow and force field give the same per-particle answers in
+any batch (float64 on the CPU), and up to that rounding otherwise. Checkpoints have the
+single-process format: a run interrupted with one number of processes resumes with another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import torch.distributed as dist
+
+from openmm_sbg.flow.model import TarFlow
+from openmm_sbg.smc.driver import SMCSampler
+from openmm_sbg.smc.kernels import PathState
+from openmm_sbg.smc.proposal import draw_proposals, module_dtype_device
+from openmm_sbg.smc.result import SMCResult
+
+
+def split_sizes(n: int, world_size: int) -> list[int]:
+    """Sizes of ``world_size`` contiguous slices of ``n`` items, differing by at most one."""
+    size, rest = divmod(n, world_size)
+    return [size + (rank < rest) for rank in range(world_size)]
+
+
+def _span(sizes: list[int], rank: int) -> tuple[int, int]:
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def all_gather_rows(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every process's ``tensor`` (``sizes[r]`` rows on rank ``r``) in rank order."""
+    # all_gather needs equal shapes: pad to the largest slice (at least one row, as gloo
+    # rejects empty tensors), then drop the padding.
+    rows = max(1, *sizes)
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[: len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+_FIELDS = [field.name for field in dataclasses.fields(PathState)]
+
+
+def _pack(state: PathState) -> torch.Tensor:
+    # One float64 matrix [B, 3 * 3N + 2] so that one collective moves whole particles.
+    return torch.cat([getattr(state, name).reshape(len(state.x), -1).to(torch.float64) for name in _FIELDS], 1)
+
+
+def _unpack(packed: torch.Tensor, like: PathState) -> PathState:
+    fields, column = [], 0
+    for name in _FIELDS:
+        reference = getattr(like, name)
+        width = reference[0].numel() if len(reference) else int(torch.tensor(reference.shape[1:]).prod())
+        fields.append(packed[:, column : column + width].reshape(-1, *reference.shape[1:]).to(reference.dtype))
+        column += width
+    return PathState(*fields)
+
+
+class ShardedState:
+    """Particles split over processes: this process's rows plus the energies of all of them.
+
+    Stands in for :class:`~openmm_sbg.smc.PathState` as ``run["state"]`` of the driver, which
+    reads the global ``e_source`` and ``e_target`` and selects particles by global index.
+
+    Parameters
+    ----------
+    local
+        This process's particles (rows ``sum(sizes[:rank])`` to ``sum(sizes[:rank + 1])``).
+    sizes
+        Particles held by each process, in rank order.
+    """
+
+    def __init__(self, local: PathState, sizes: list[int]):
+        self.local = local
+        self.sizes = sizes
+        self.rank = dist.get_rank()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Gather every process's energies after its particles changed (collective)."""
+        energies = all_gather_rows(torch.stack([self.local.e_source, self.local.e_target], 1), self.sizes)
+        self.e_source, self.e_target = energies[:, 0].contiguous(), energies[:, 1].contiguous()
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Global index range ``[start, stop)`` of this process's particles."""
+        return _span(self.sizes, self.rank)
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def select(self, index: torch.Tensor) -> ShardedState:
+        """The particles at global ``index`` (boolean mask or indices), rebalanced over processes (collective)."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)
+        new_sizes = split_sizes(len(index), len(self.sizes))
+        ends = torch.tensor(self.sizes).cumsum(0)
+        owner = torch.searchsorted(ends, index, right=True)
+        start = self.span[0]
+        # Every process knows the whole index, so each works out what to send where.
+        send, send_counts = [], []
+        for destination in range(len(self.sizes)):
+            lo, hi = _span(new_sizes, destination)
+            mine = index[lo:hi][owner[lo:hi] == self.rank] - start
+            send.append(mine)
+            send_counts.append(len(mine))
+        lo, hi = _span(new_sizes, self.rank)
+        wanted_owner = owner[lo:hi]
+        receive_counts = torch.bincount(wanted_owner, minlength=len(self.sizes)).tolist()
+        packed = _pack(self.local).index_select(0, torch.cat(send))
+        received = packed.new_empty((sum(receive_counts), packed.shape[1]))
+        dist.all_to_all_single(received, packed, receive_counts, send_counts)
+        # Rows arrive grouped by sending process; put them back in the order of ``index``.
+        order = torch.argsort(wanted_owner, stable=True)
+        local = torch.empty_like(received)
+        local[order] = received
+        return ShardedState(_unpack(local, self.local), new_sizes)
+
+    def gather(self) -> PathState:
+        """All particles, in every process (collective)."""
+        return _unpack(all_gather_rows(_pack(self.local), self.sizes), self.local)
+
+    @classmethod
+    def scatter(cls, state: PathState) -> ShardedState:
+        """This process's even share of ``state`` (which every process holds)."""
+        sizes = split_sizes(len(state.x), dist.get_world_size())
+        start, stop = _span(sizes, dist.get_rank())
+        return cls(state.select(slice(start, stop)), sizes)
+
+
+def _draw_rows(flow, n: int, batch_size: int, generator: torch.Generator, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``draw_proposals(flow, n, batch_size, generator)``, inverting only those.
+
+    A :class:`~openmm_sbg.TarFlow` draws its latent noise batch by batch and then inverts it
+    (the costly part); drawing every batch's noise keeps the generator in step with one
+    process's draws. Other proposals are drawn in full and sliced.
+    """
+    if not isinstance(flow, TarFlow):
+        return draw_proposals(flow, n, batch_size, generator)[start:stop]
+    dtype, device = module_dtype_device(flow)
+    # TarFlow.sample draws its noise in chunks of its batch_size; follow the same chunks.
+    sample_chunk = inspect.signature(flow.sample).parameters["batch_size"].default
+    rows = []
+    with torch.no_grad():
+        for call_start in range(0, n, batch_size):
+            call_count = min(batch_size, n - call_start)
+            for offset in range(0, call_count, sample_chunk):
+                first = call_start + offset
+                z = torch.randn(min(sample_chunk, call_count - offset), flow.n_atoms, 3, generator=generator, dtype=dtype, device=device)
+                lo, hi = max(start, first) - first, min(stop, first + len(z)) - first
+                if lo < hi:
+                    rows.append(flow.inverse(z[lo:hi])[0].to(dtype=torch.float64, device="cpu"))
+    return torch.cat(rows) if rows else torch.empty((0, flow.n_atoms, 3), dtype=torch.float64)
+
+
+class ShardedSMCSampler(SMCSampler):
+    """:class:`~openmm_sbg.smc.SMCSampler` with its particles split over torch.distributed processes.
+
+    Takes the same arguments; call :func:`openmm_sbg.distributed.init` (or
+    ``torch.distributed.init_process_group``) first, and construct and run it in every
+    process with the same arguments and seed. Every process returns the whole
+    :class:`~openmm_sbg.smc.SMCResult`; only rank 0 writes the checkpoint and shows progress
+    (write the samples file from rank 0 too).
+
+    ``n_particles`` need not be a multiple of the number of processes (slices differ by at
+    most one particle), but must be at least that number.
+    """
+
+    def __init__(self, target, flow, n_particles: int, n_steps: int, *, progress: bool = True, **kwargs):
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "ShardedSMCSampler needs a torch.distributed process group; launch with torchrun and call "
+                "openmm_sbg.distributed.init() first, or use SMCSampler in a single process"
+            )
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if n_particles < self.world_size:
+            raise ValueError(
+                f"{n_particles} particles cannot be split over {self.world_size} processes; use at least "
+                f"{self.world_size} particles or fewer processes (torchrun --nproc-per-node)"
+            )
+        super().__init__(target, flow, n_particles, n_steps, progress=progress and self.rank == 0, **kwargs)
+
+    def physical_energy(self, state: PathState | ShardedState) -> torch.Tensor:
+        """``E_T`` (kT) without the CoM term; for a :class:`ShardedState`, of all particles (collective)."""
+        if isinstance(state, ShardedState):
+            return all_gather_rows(super().physical_energy(state.local), state.sizes)
+        return super().physical_energy(state)
+
+    def _start(self, seed: int) -> dict:
+        # Draw and evaluate this process's proposals, then hand the run to the driver's own
+        # bookkeeping, which sees the global energies through the ShardedState.
+        flow_generator, generator = self._generators(seed)
+        sizes = split_sizes(self.n_particles, self.world_size)
+        x = _draw_rows(self.flow, self.n_particles, self.batch_size, flow_generator, *_span(sizes, self.rank))
+        state = ShardedState(self.potential(x, need_grad=self.schedule is not None), sizes)
+        return self._initial_run(seed, state, generator)
+
+    def _move(self, run: dict, t: float, step_size: float, generator: torch.Generator) -> tuple[float, int]:
+        state: ShardedState = run["state"]
+        start, stop = state.span
+        acceptance = []
+        for _ in range(self.n_mcmc_steps):
+            alive = torch.isfinite(run["log_w"]).nonzero().squeeze(1)  # global indices
+            # The same draws as one process (all alive particles at once); keep this process's rows.
+            noise = torch.randn((len(alive), *state.local.x.shape[1:]), dtype=torch.float64, generator=generator)
+            uniform = torch.rand(len(alive), dtype=torch.float64, generator=generator)
+            mine = (alive >= start) & (alive < stop)
+            local_alive = alive[mine] - start
+            noise, uniform = noise[mine], uniform[mine]
+            moving, moved, local_acceptance = state.local.select(local_alive), [], []
+            for first in range(0, len(local_alive), self.batch_size):
+                batch = slice(first, first + self.batch_size)
+                new, info = self.kernel(moving.select(batch), t, self.potential, step_size, noise[batch], uniform[batch])
+                moved.append(new)
+                local_acceptance.append(info.acceptance)
+            if moved:
+                state.local.assign(local_alive, PathState.cat(moved))
+            state.refresh()
+            alive_sizes = [int(((alive >= lo) & (alive < hi)).sum()) for lo, hi in (_span(state.sizes, r) for r in range(self.world_size))]
+            mine_acceptance = torch.cat(local_acceptance) if local_acceptance else torch.empty(0, dtype=torch.float64)
+            acceptance.append(all_gather_rows(mine_acceptance.to(torch.float64), alive_sizes))
+            finite = torch.isfinite(state.e_source) & torch.isfinite(state.e_target)
+            run["log_w"] = torch.where(finite, run["log_w"], torch.full_like(run["log_w"], -torch.inf))
+        return float(torch.cat(acceptance).mean()), len(alive)
+
+    def _result(self, run: dict, seed: int, seconds: float) -> SMCResult:
+        result = super()._result({**run, "state": run["state"].gather()}, seed, seconds)
+        result.info["n_processes"] = self.world_size
+        return result
+
+    def _save_checkpoint(self, run: dict) -> None:
+        # The single-process format (all particles), so a run may resume with any number of processes.
+        if self.checkpoint_path is None:
+            return
+        full = {**run, "state": run["state"].gather()}  # collective: every process takes part
+        if self.rank == 0:
+            super()._save_checkpoint(full)
+
+    def _load_checkpoint(self, seed: int) -> dict:
+        run = super()._load_checkpoint(seed)
+        run["state"] = ShardedState.scatter(run["state"])
+        return run

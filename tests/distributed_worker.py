@@ -1,0 +1,46 @@
+"""Runs under ``torchrun --nproc-per-node 2`` for tests/test_distributed.py (not collected by pytest).
+
+Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT_DIR``. Every
+process trains with DDP and runs each sharded SMC scenario of :data:`SMC_SCENARIOS`; rank 0
+writes what the test compares with single-process runs into ``OUT_DIR``.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openmm_sbg import cli, distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distributed_cases import DDP_CONFIG, SMC_SCENARIOS, SMC_SEED, ddp_frames, ddp_options, smc_scenario  # noqa: E402
+
+
+def main(out: Path) -> None:
+    from openmm_sbg.distributed.ddp_train import train_distributed
+    from openmm_sbg.distributed.sharded_smc import ShardedSMCSampler
+    from openmm_sbg import systems
+
+    context = distributed.init("cpu")
+    torch.set_num_threads(1)
+    target = systems.get("ad2", platform="Reference")
+    frames = ddp_frames(target)
+    train_distributed(
+        frames[:100], frames[100:], target=target, config=DDP_CONFIG, options=ddp_options(),
+        checkpoint_path=out / "ddp.pt", progress=False,
+    )
+    cli.main(["sample", "--flow", str(out / "ddp.pt"), "--out", str(out / "cli.h5"), "--n-particles", "12",
+              "--n-steps", "0", "--batch-size", "4", "--no-progress", "--summary", str(out / "cli.json")])
+    for name in SMC_SCENARIOS:
+        target, proposal, kwargs = smc_scenario(name)
+        checkpoint = out / f"{name}.ckpt"
+        result = ShardedSMCSampler(target, proposal, checkpoint_path=checkpoint, progress=False, **kwargs).run(seed=SMC_SEED)
+        if context.is_writer:
+            torch.save({key: getattr(result, key) for key in ("positions", "log_weights", "energies", "log_z", "ess")}
+                       | {"diagnostics": result.diagnostics, "n_processes": result.info["n_processes"]}, out / f"{name}.pt")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
