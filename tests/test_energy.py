@@ -205,3 +205,25 @@ def test_compiled_backend_matches_openmm():
     reference = OpenMMBackend(system, "Reference")
     assert_matches("compiled", *backend.energy_and_forces(x), *reference.energy_and_forces(x))
     torch.testing.assert_close(backend.energy(x[:3]), reference.energy(x[:3]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ad2", "al3"])
+def test_obc_atom_inside_another_atoms_scaled_sphere(name):
+    """An atom moved inside another's scaled sphere takes OBC's 'engulfed' branch (GBSAOBCForce
+    adds 2 (1/rho - 1/L) there, the CustomGBForce does not)."""
+    system = _grouped(name)
+    k, gb = next((k, f) for k, f in enumerate(system.getForces()) if "GB" in type(f).__name__)
+    params = np.array([[float(getattr(v, "_value", v)) for v in gb.getParticleParameters(a)] for a in range(gb.getNumParticles())])
+    if isinstance(gb, openmm.GBSAOBCForce):
+        rho = params[:, 1] - 0.009
+        scaled = rho * params[:, 2]
+    else:
+        rho, scaled = params[:, 1], params[:, 2]
+    depth = scaled[None, :] - rho[:, None]  # atom i fits inside j's scaled sphere if r < depth[i, j]
+    np.fill_diagonal(depth, -np.inf)
+    i, j = np.unravel_index(np.argmax(depth), depth.shape)
+    assert depth[i, j] > 0
+    x = configurations(name)[:2].clone()
+    x[:, i] = x[:, j] + torch.tensor([0.5 * depth[i, j], 0.0, 0.0], dtype=x.dtype)
+    ref = OpenMMBackend(system, "Reference", groups={k}).energy_and_forces(x)
+    assert_matches(f"{name} {type(gb).__name__} engulfed", *TorchForceField(system, groups={k}).energy_and_forces(x), *ref)
