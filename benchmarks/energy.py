@@ -37,19 +37,25 @@ LOOP_SAMPLE = 256
 
 
 def throughput(backend: EnergyBackend, x: torch.Tensor, min_seconds: float) -> float:
-    """Configurations per second of ``backend.energy_and_forces(x)`` (best of repeated calls)."""
-    backend.energy_and_forces(x)  # warm-up: parameter copies, allocator, thread pools
+    """Configurations per second of ``backend.energy_and_forces(x)``, averaged over calls.
+
+    The mean (not the best call) so that short and long calls see the same share of a
+    shared machine's load.
+    """
+    start = time.perf_counter()
+    backend.energy_and_forces(x)  # warm-up: parameter copies, allocator, thread pools, compilation
+    warm_up = time.perf_counter() - start
+    if warm_up > 5:
+        print(f"  first call of {backend.name} ({x.dtype}, {x.device}): {warm_up:.0f} s", flush=True)
     if x.is_cuda:
         torch.cuda.synchronize()
-    best, spent = float("inf"), 0.0
-    while spent < min_seconds:
-        start = time.perf_counter()
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < min_seconds:
         backend.energy_and_forces(x)
         if x.is_cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed), spent + elapsed
-    return x.shape[0] / best
+        calls += 1
+    return calls * x.shape[0] / (time.perf_counter() - start)
 
 
 def machine() -> str:
@@ -72,19 +78,20 @@ def run(names: list[str], batch_sizes: list[int], min_seconds: float) -> str:
         system = target.system
         rng = np.random.default_rng(0)
         x_all = torch.from_numpy(target.positions[None] + 0.02 * rng.normal(size=(max(batch_sizes), target.n_atoms, 3)))
-        torch_backend = TorchForceField(system)
+        torch_backends = {"": TorchForceField(system), "-compiled": TorchForceField(system, compile=True)}
         loop = OpenMMBackend(system, "CPU")
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         with ProcessPoolBackend(system, platform="CPU") as pool:
             pool.energy_and_forces(x_all[: pool.n_workers])  # start the workers outside the timings
-            loop_rate = throughput(loop, x_all[:LOOP_SAMPLE], min_seconds)
             for batch in batch_sizes:
                 x = x_all[:batch]
-                row = {"system": name, "batch": batch, "openmm-loop": loop_rate}
+                # Timed next to the others in every row: the load of a shared machine drifts.
+                row = {"system": name, "batch": batch, "openmm-loop": throughput(loop, x[:LOOP_SAMPLE], min_seconds)}
                 for device in devices:
                     for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
-                        suffix = "" if device == "cpu" else "-cuda"
-                        row[f"torch-{tag}{suffix}"] = throughput(torch_backend, x.to(device, dtype), min_seconds)
+                        for variant, backend in torch_backends.items():
+                            suffix = variant + ("" if device == "cpu" else "-cuda")
+                            row[f"torch-{tag}{suffix}"] = throughput(backend, x.to(device, dtype), min_seconds)
                 row["openmm-pool"] = throughput(pool, x, min_seconds)
                 rows.append(row)
                 print(", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
@@ -120,21 +127,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", nargs="+", default=["ad2", "al6"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64, 256, 1024, 4096])
-    parser.add_argument("--min-seconds", type=float, default=0.5, help="time spent per measurement")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="time spent per measurement")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     info = machine()
     print(info, flush=True)
     results = run(args.systems, args.batch_sizes, args.min_seconds)
     body = f"""Configurations per second for energies + forces (`python benchmarks/energy.py`), measured in
 one run. Machine: {info}.
 
-`openmm-loop` is one OpenMM Context on the CPU platform called once per configuration (the
-paper's approach; timed on {LOOP_SAMPLE} configurations, its cost per configuration does not
-depend on the batch). `openmm-pool` is `ProcessPoolBackend` with one single-threaded CPU
-Context per core. `torch-f32`/`torch-f64` are `TorchForceField` in float32/float64 (best of
-repeated calls). The machine is shared, so absolute numbers vary from run to run; the
-ratios are measured side by side.
+Each number is the mean over repeated calls for at least {args.min_seconds:g} s. `openmm-loop`
+is one OpenMM Context on the CPU platform called once per configuration (the paper's
+approach; timed in every row on at most {LOOP_SAMPLE} configurations, as its cost per
+configuration does not depend on the batch). `openmm-pool` is `ProcessPoolBackend` with one single-threaded CPU
+Context per core. `torch-f32`/`torch-f64` are `TorchForceField` in float32/float64; `-compiled` adds `compile=True` (`torch.compile`; its one-off compilation
+is excluded, and batches smaller than one chunk are padded to it). The machine is shared,
+so absolute numbers vary from run to run; the ratios are measured side by side.
 
 {results}
 """

@@ -3,9 +3,10 @@
 Every parameter is read from the System's forces (never from a force-field file), and each
 term reproduces the formula of OpenMM's Reference platform, so energies agree with OpenMM to
 round-off in float64. All configurations of a batch are evaluated in one call: bonded terms
-gather their atoms, pairwise terms work on fixed lists of atom pairs ``[B, P]``; there is no
-Python loop over configurations. Forces are ``-grad U`` by autograd, so the energy is also
-differentiable for callers that need it.
+gather their atoms, pairwise terms work on fixed lists of atom pairs ``[P, B]``; there is no
+Python loop over configurations. Forces are analytic, computed in the same pass as the
+energy (cheaper than an autograd graph); a custom autograd function makes the energy
+differentiable for callers that need it, and the tests check both against OpenMM.
 
 Supported forces: ``HarmonicBondForce``, ``HarmonicAngleForce``, ``PeriodicTorsionForce``,
 ``NonbondedForce`` (NoCutoff, or CutoffNonPeriodic with its reaction field and optional
@@ -38,10 +39,10 @@ _ACE_PROBE_RADIUS = 0.14
 #: OBC2 (GBSAOBCForce) Born-radius coefficients alpha, beta, gamma.
 _OBC2_COEFFICIENTS = (1.0, 0.8, 4.85)
 
-#: Default cap on ``batch * pairs`` per chunk. On CPU, chunks that fit in cache run fastest
-#: (measured: 2**16-2**18 beat both smaller and larger ones); on GPUs larger chunks fill the
-#: device, and the cap only bounds memory.
-CPU_PAIR_ELEMENTS = 2**17
+#: Default cap on ``batch * pairs`` per chunk. On CPU, chunks of about 2**19 pair elements
+#: balance per-operation overhead (small chunks) against cache misses (large ones); on GPUs
+#: larger chunks fill the device, and the cap only bounds memory.
+CPU_PAIR_ELEMENTS = 2**19
 GPU_PAIR_ELEMENTS = 2**23
 
 
@@ -54,23 +55,36 @@ def _value(quantity, unit_) -> float:
     return quantity.value_in_unit(unit_) if unit.is_quantity(quantity) else float(quantity)
 
 
-def _pair_vectors(xt: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vectors ``x_j - x_i`` ``[P, B, 3]`` and squared distances ``[P, B]`` (atom-major positions)."""
-    d = xt.index_select(0, j) - xt.index_select(0, i)
-    return d, (d * d).sum(-1)
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot products over the leading (x, y, z) dimension."""
+    return (a * b).sum(0)
+
+
+def _gather(xc: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """Positions ``[3, P, B]`` of atoms ``i`` from coordinate-major positions ``xc [3, N, B]``."""
+    return xc.index_select(1, i)
+
+
+def _pair_vectors(xc: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors ``x_j - x_i`` ``[3, P, B]`` and squared distances ``[P, B]``."""
+    d = _gather(xc, j) - _gather(xc, i)
+    return d, _dot(d, d)
 
 
 def _add_pair_gradient(grad: torch.Tensor, i: torch.Tensor, j: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> None:
-    """Add ``dU/dr / r`` (``w [P, B]``) of pair distances along ``d = x_j - x_i`` to ``grad [N, B, 3]``."""
-    g = w.unsqueeze(-1) * d
-    grad.index_add_(0, j, g)
-    grad.index_add_(0, i, -g)
+    """Add ``dU/dr / r`` (``w [P, B]``) of pair distances along ``d = x_j - x_i`` to ``grad [3, N, B]``."""
+    g = w * d
+    grad.index_add_(1, j, g)
+    grad.index_add_(1, i, -g)
 
 
 class _Term(torch.nn.Module):
-    """One energy term, evaluated in atom-major layout for fast gathers and scatters.
+    """One energy term, evaluated in coordinate-major layout ``[3, N, B]``.
 
-    ``forward(xt [N, B, 3], grad [N, B, 3] | None) -> energy [B]`` in kJ/mol; when ``grad``
+    Every array is then a stack of contiguous ``[B]`` rows: gathers and scatters of atoms copy
+    whole rows and vector components are leading slices, which keeps elementwise work dense.
+
+    ``forward(xc [3, N, B], grad [3, N, B] | None) -> energy [B]`` in kJ/mol; when ``grad``
     is given, the term adds its analytic gradient dU/dx to it (one pass, no autograd graph).
     """
 
@@ -97,17 +111,13 @@ class _HarmonicBonds(_Term):
             [(_value(r0, unit.nanometer), _value(k, unit.kilojoule_per_mole / unit.nanometer**2)) for *_, r0, k in bonds],
         )
 
-    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-        d, r2 = _pair_vectors(xt, self.idx[0], self.idx[1])
+    def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        d, r2 = _pair_vectors(xc, self.idx[0], self.idx[1])
         r = r2.sqrt()
         stretch = r - self.r0
         if grad is not None:
             _add_pair_gradient(grad, self.idx[0], self.idx[1], self.k * stretch / r, d)
         return (0.5 * self.k * stretch**2).sum(0)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
 
 
 class _HarmonicAngles(_Term):
@@ -120,20 +130,21 @@ class _HarmonicAngles(_Term):
             [(_value(t0, unit.radian), _value(k, unit.kilojoule_per_mole / unit.radian**2)) for *_, t0, k in angles],
         )
 
-    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-        a = xt[self.idx[0]] - xt[self.idx[1]]
-        b = xt[self.idx[2]] - xt[self.idx[1]]
+    def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        centre = _gather(xc, self.idx[1])
+        a = _gather(xc, self.idx[0]) - centre
+        b = _gather(xc, self.idx[2]) - centre
         ab = _dot(a, b)
-        cross = torch.linalg.cross(a, b).norm(dim=-1)
+        cross = _dot(c := torch.linalg.cross(a, b, dim=0), c).sqrt()
         # atan2 stays accurate near 0 and pi, where acos loses digits.
         delta = torch.atan2(cross, ab) - self.theta0
         if grad is not None:
-            scale = (self.k * delta / cross).unsqueeze(-1)
-            g_a = scale * ((ab / _dot(a, a)).unsqueeze(-1) * a - b)
-            g_b = scale * ((ab / _dot(b, b)).unsqueeze(-1) * b - a)
-            grad.index_add_(0, self.idx[0], g_a)
-            grad.index_add_(0, self.idx[2], g_b)
-            grad.index_add_(0, self.idx[1], -(g_a + g_b))
+            scale = self.k * delta / cross
+            g_a = scale * (ab / _dot(a, a) * a - b)
+            g_b = scale * (ab / _dot(b, b) * b - a)
+            grad.index_add_(1, self.idx[0], g_a)
+            grad.index_add_(1, self.idx[2], g_b)
+            grad.index_add_(1, self.idx[1], -(g_a + g_b))
         return (0.5 * self.k * delta**2).sum(0)
 
 
@@ -147,27 +158,26 @@ class _PeriodicTorsions(_Term):
             [(n, _value(phase, unit.radian), _value(k, unit.kilojoule_per_mole)) for *_, n, phase, k in torsions],
         )
 
-    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-        b1 = xt[self.idx[1]] - xt[self.idx[0]]
-        b2 = xt[self.idx[2]] - xt[self.idx[1]]
-        b3 = xt[self.idx[3]] - xt[self.idx[2]]
-        n1 = torch.linalg.cross(b1, b2)
-        n2 = torch.linalg.cross(b2, b3)
-        b2_norm = b2.norm(dim=-1)
+    def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        x0, x1, x2, x3 = (_gather(xc, self.idx[k]) for k in range(4))
+        b1, b2, b3 = x1 - x0, x2 - x1, x3 - x2
+        n1 = torch.linalg.cross(b1, b2, dim=0)
+        n2 = torch.linalg.cross(b2, b3, dim=0)
+        b2_sq = _dot(b2, b2)
+        b2_norm = b2_sq.sqrt()
         # IUPAC sign convention, as OpenMM.
         phi = torch.atan2(b2_norm * _dot(b1, n2), _dot(n1, n2))
         angle = self.periodicity * phi - self.phase
         if grad is not None:
             dphi = -self.k * self.periodicity * torch.sin(angle)
-            g0 = (-dphi * b2_norm / _dot(n1, n1)).unsqueeze(-1) * n1
-            g3 = (dphi * b2_norm / _dot(n2, n2)).unsqueeze(-1) * n2
-            b2_sq = b2_norm**2
-            p = (_dot(b1, b2) / b2_sq).unsqueeze(-1)
-            q = (_dot(b3, b2) / b2_sq).unsqueeze(-1)
-            grad.index_add_(0, self.idx[0], g0)
-            grad.index_add_(0, self.idx[1], q * g3 - (1 + p) * g0)
-            grad.index_add_(0, self.idx[2], p * g0 - (1 + q) * g3)
-            grad.index_add_(0, self.idx[3], g3)
+            g0 = -dphi * b2_norm / _dot(n1, n1) * n1
+            g3 = dphi * b2_norm / _dot(n2, n2) * n2
+            p = _dot(b1, b2) / b2_sq
+            q = _dot(b3, b2) / b2_sq
+            grad.index_add_(1, self.idx[0], g0)
+            grad.index_add_(1, self.idx[1], q * g3 - (1 + p) * g0)
+            grad.index_add_(1, self.idx[2], p * g0 - (1 + q) * g3)
+            grad.index_add_(1, self.idx[3], g3)
         return (self.k * (1 + torch.cos(angle))).sum(0)
 
 
@@ -237,10 +247,10 @@ class _Nonbonded(_Term):
         self.register_buffer(f"{prefix}_c12", four_eps * sigma6**2)
         self.register_buffer(f"{prefix}_c6", four_eps * sigma6)
 
-    def _pair_energy(self, prefix: str, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def _pair_energy(self, prefix: str, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
         idx = getattr(self, f"{prefix}_idx")
         qq, c12, c6 = (getattr(self, f"{prefix}_{name}") for name in ("qq", "c12", "c6"))
-        d, r2 = _pair_vectors(xt, idx[0], idx[1])
+        d, r2 = _pair_vectors(xc, idx[0], idx[1])
         inv_r2 = 1 / r2
         inv_r = inv_r2.sqrt()
         inv_r6 = inv_r2**3
@@ -265,8 +275,8 @@ class _Nonbonded(_Term):
             _add_pair_gradient(grad, idx[0], idx[1], w, d)
         return energy.sum(0)
 
-    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-        return self._pair_energy("pair", xt, grad) + self._pair_energy("exc", xt, grad)
+    def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        return self._pair_energy("pair", xc, grad) + self._pair_energy("exc", xc, grad)
 
 
 class _OBC(_Term):
@@ -366,9 +376,9 @@ class _OBC(_Term):
             keep = keep * inside
         return term * keep, dterm * keep
 
-    def forward(self, xt: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
         i, j = self.idx
-        d, r2 = _pair_vectors(xt, i, j)
+        d, r2 = _pair_vectors(xc, i, j)
         r = r2.sqrt()
         inside = None if self.cutoff is None else (r < self.cutoff).to(r.dtype)
         term, dterm = self._born_integral(r, inside)
@@ -656,16 +666,16 @@ class TorchForceField(EnergyBackend):
         return max(1, cap // self._pairs)
 
     def _chunk_function(self, x: torch.Tensor, forces: bool) -> Callable:
-        """``f(xt [N, B, 3]) -> (energy [B], dU/dx [N, B, 3] | None)`` for x's device and dtype."""
+        """``f(xc [3, N, B]) -> (energy [B], dU/dx [3, N, B] | None)`` for x's device and dtype."""
         key = (x.device, x.dtype, forces)
         if key not in self._chunk_functions:
             terms = copy.deepcopy(self._terms).to(device=x.device, dtype=x.dtype)
 
-            def evaluate(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-                grad = torch.zeros_like(xt) if forces else None
-                energy = xt.new_zeros(xt.shape[1])
+            def evaluate(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                grad = torch.zeros_like(xc) if forces else None
+                energy = xc.new_zeros(xc.shape[2])
                 for term in terms:
-                    energy = energy + term(xt, grad)
+                    energy = energy + term(xc, grad)
                 return energy, grad
 
             self._chunk_functions[key] = torch.compile(evaluate) if self.compile else evaluate
@@ -688,11 +698,10 @@ class TorchForceField(EnergyBackend):
                 # Compiled code is specialised to one shape: pad with copies of a real
                 # configuration rather than compile again for every batch size.
                 chunk = torch.cat([chunk, chunk[-1:].expand(size - n, -1, -1)])
-            # Atom-major layout: gathering and scattering atoms moves contiguous [B, 3] blocks.
-            energy, grad = evaluate(chunk.transpose(0, 1).contiguous())
+            energy, grad = evaluate(chunk.permute(2, 1, 0).contiguous())
             energies.append(energy[:n])
             if forces:
-                grads.append(grad[:, :n].transpose(0, 1))
+                grads.append(grad[..., :n].permute(2, 1, 0))
         return torch.cat(energies), torch.cat(grads) if forces else None
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
