@@ -99,3 +99,29 @@ def test_split_sizes_and_launch_detection(monkeypatch):
     target, proposal, kwargs = smc_scenario("importance")
     with pytest.raises(RuntimeError, match="process group"):
         ShardedSMCSampler(target, proposal, **kwargs)
+
+
+def test_fast_flow_bf16_energy_is_close_and_differentiable():
+    from openmm_sbg.distributed.fast_paths import FastFlow
+    from openmm_sbg.smc.proposal import source_energy
+
+    _, flow, _ = smc_scenario("tarflow")
+    flow = flow.float()
+    x = flow.sample(16, generator=torch.Generator().manual_seed(0))[0].double()
+    e_ref, g_ref = source_energy(flow, x)
+    e, g = source_energy(FastFlow(flow, autocast=torch.bfloat16), x)
+    assert e.dtype == torch.float64 and torch.isfinite(g).all()
+    torch.testing.assert_close(e, e_ref, rtol=0.05, atol=0.5)  # bf16 keeps ~3 digits
+    with pytest.raises(ValueError, match="cuda_graphs needs compile"):
+        FastFlow(flow, cuda_graphs=True)
+
+
+def test_device_backend_returns_the_callers_dtype(ad2):
+    from openmm_sbg.distributed.fast_paths import DeviceBackend
+
+    x = torch.as_tensor(ad2.positions[None]).repeat(3, 1, 1)
+    energy, forces = DeviceBackend(ad2.backend, "cpu", torch.float32).energy_and_forces(x)
+    reference, reference_forces = ad2.backend.energy_and_forces(x)
+    assert energy.dtype == torch.float64
+    torch.testing.assert_close(energy, reference, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(forces, reference_forces, rtol=1e-3, atol=0.05)  # kJ/mol/nm, float32 sums

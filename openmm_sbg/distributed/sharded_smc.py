@@ -24,6 +24,7 @@ import inspect
 import torch
 import torch.distributed as dist
 
+from openmm_sbg.distributed.fast_paths import FastFlow
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.smc.driver import SMCSampler
 from openmm_sbg.smc.kernels import PathState
@@ -149,8 +150,11 @@ def _draw_rows(flow, n: int, batch_size: int, generator: torch.Generator, start:
 
     A :class:`~openmm_sbg.TarFlow` draws its latent noise batch by batch and then inverts it
     (the costly part); drawing every batch's noise keeps the generator in step with one
-    process's draws. Other proposals are drawn in full and sliced.
+    process's draws (a :class:`FastFlow` samples as its TarFlow). Other proposals are drawn
+    in full and sliced.
     """
+    if isinstance(flow, FastFlow):
+        flow = flow.flow
     if not isinstance(flow, TarFlow):
         return draw_proposals(flow, n, batch_size, generator)[start:stop]
     dtype, device = module_dtype_device(flow)
