@@ -3,8 +3,18 @@
 import functools
 
 import pytest
+import torch
 
 from openmm_sbg import systems
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Test-sized models and batches are latency bound: extra torch threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,15 +23,6 @@ from openmm_sbg.smc.proposal import com_energy
 PLATFORMS = ["Reference", "CPU"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Single-configuration flow calls are latency bound; extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def flow_path(tmp_path_factory):
     """A small ad2 flow with random (non-identity) blocks, saved as a checkpoint."""

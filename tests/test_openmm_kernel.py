@@ -10,15 +10,6 @@ from openmm_sbg import SMCSampler, TarFlow, metrics, shipped
 from openmm_sbg.openmm import OpenMMMoveKernel
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Single-configuration flow calls are latency bound; extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _short_move():
     return mcmc.LangevinDynamicsMove(timestep=1 * unit.femtosecond, n_steps=2, reassign_velocities=True)
 

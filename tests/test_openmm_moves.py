@@ -17,15 +17,6 @@ from openmm_sbg.openmm import FlowIndependenceMove, sample_com
 TINY = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Single-configuration flow calls are latency bound; extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _chain_system(k: float) -> openmm.System:
     """Three particles joined by two zero-length harmonic springs: each bond vector is N(0, kT/k I)."""
     system = openmm.System()
