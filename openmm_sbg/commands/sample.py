@@ -100,8 +100,10 @@ def sample(target, flow, out: str, seed: int = 0, restart: bool = False, **optio
     resuming = os.path.exists(checkpoint) and not restart
     launched = distributed.is_launched()
     if launched:
-        from openmm_sbg.distributed.sharded_smc import ShardedSMCSampler as SMCSampler
-    sampler = SMCSampler(target, flow, checkpoint_path=checkpoint, **options)
+        from openmm_sbg.distributed.sharded_smc import ShardedSMCSampler
+
+    sampler_class = ShardedSMCSampler if launched else SMCSampler
+    sampler = sampler_class(target, flow, checkpoint_path=checkpoint, **options)
     result = sampler.run(seed=seed, resume=resuming)
     if not launched or sampler.rank == 0:  # every process holds the result; one writes it
         result.save(out)

@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> dict:
     from openmm_sbg import data, distributed
     from openmm_sbg.flow import TrainOptions, train
 
+    train_function = train
     if distributed.is_launched():
         # Under torchrun: DistributedDataParallel, same checkpoint, written by rank 0.
-        from openmm_sbg.distributed.ddp_train import train_distributed as train
+        from openmm_sbg.distributed.ddp_train import train_distributed as train_function
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         val_frames=args.val_frames,
     )
-    flow = train(
+    flow = train_function(
         train_positions,
         val_positions,
         target=target,
