@@ -1,0 +1,140 @@
+"""Helpers shared by the time-to-quality, SMC-throughput and free-energy benchmarks.
+
+Not part of the package: machine description, the RESULTS.md section writer, reference
+loading and the alanine-dipeptide basin definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+PLOTS = HERE / "plots"
+#: Raw results (JSON) behind the tables; small, committed next to the scripts.
+DATA = HERE / "results"
+#: Large intermediate files (MD trajectories, samples): gitignored.
+WORK = ROOT / "runs" / "bench"
+
+
+def machine() -> str:
+    """One line: CPU model, cores, load, versions."""
+    import mdtraj
+    import openmm
+    import torch
+
+    names = re.findall(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    cpu = names[0].strip() if names else platform.processor()
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores (nproc), no GPU; Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} thread(s)), OpenMM {openmm.__version__}, "
+        f"mdtraj {mdtraj.__version__}; load average at start {load}"
+    )
+
+
+def write_section(heading: str, body: str) -> None:
+    """Replace (or append) the section ``heading`` of RESULTS.md, leaving other sections alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = f"{heading}\n\n{body.strip()}\n\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+def save_json(name: str, payload: dict) -> Path:
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / name
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    return path
+
+
+def load_json(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def default_flow() -> str:
+    """The shipped ad2-small flow (falls back to the latest training checkpoint in runs/)."""
+    try:
+        from openmm_sbg import shipped
+
+        return shipped.model_path("ad2-small")
+    except FileNotFoundError:
+        fallback = ROOT / "runs" / "ad2-small.pt"
+        print(f"no shipped ad2-small model; using {fallback}", flush=True)
+        return str(fallback)
+
+
+# ------------------------------------------------------------------- reference and basins
+def dihedrals_and_energies(path, frames=None):
+    """Backbone (phi, psi) in radians ``[T, 2]`` and energies in kT ``[T]`` of an `openmm-sbg md` file."""
+    from openmm_sbg import data, metrics
+
+    traj = data.load_trajectory(path)
+    meta = data.read_metadata(path)
+    if frames is not None:
+        traj = traj[frames]
+    energies = np.asarray(meta["energies_kT"])
+    return metrics.backbone_dihedrals(traj), (energies if frames is None else energies[frames])
+
+
+#: ad2 basins on the (phi, psi) map, degrees. alphaL/C7ax: 0 <= phi < 120 (left-handed side; the
+#: strip 120 <= phi <= 180 continues the beta region across the periodic boundary); on the rest,
+#: alphaR: -120 <= psi < 50, otherwise C7eq/beta (C7eq, beta and PII).
+BASINS = ("C7eq/beta", "alphaR", "alphaL/C7ax")
+BASIN_RULE = (
+    "alphaL/C7ax: 0 <= phi < 120 deg; otherwise alphaR: -120 <= psi < 50 deg; otherwise C7eq/beta "
+    "(C7eq, beta, PII; includes phi >= 120, the beta region across the periodic boundary)"
+)
+
+
+def basin_labels(angles: np.ndarray) -> np.ndarray:
+    """Basin index (into :data:`BASINS`) of each frame's (phi, psi) in radians."""
+    phi, psi = np.degrees(angles[:, 0]), np.degrees(angles[:, 1])
+    left = (phi >= 0) & (phi < 120)
+    alpha_r = ~left & (psi >= -120) & (psi < 50)
+    labels = np.zeros(len(phi), dtype=int)
+    labels[alpha_r] = 1
+    labels[left] = 2
+    return labels
+
+
+def populations(labels: np.ndarray, weights=None) -> np.ndarray:
+    weights = np.full(len(labels), 1.0 / len(labels)) if weights is None else np.asarray(weights) / np.sum(weights)
+    return np.array([weights[labels == k].sum() for k in range(len(BASINS))])
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def command_line(script: str, argv) -> str:
+    """The command that reproduces this run, for RESULTS.md."""
+    import sys
+
+    args = argv if argv is not None else sys.argv[1:]
+    return f"nice python benchmarks/{script} {' '.join(args)}".rstrip()
+
+
+def publish(results: dict, json_name: str, heading: str, text: str, write: bool = True) -> None:
+    """Print the section; unless ``write`` is false, keep the JSON and rewrite the RESULTS.md section."""
+    print(text)
+    if write:
+        save_json(json_name, results)
+        write_section(heading, text)
