@@ -95,7 +95,19 @@ def run(names: list[str], batch_sizes: list[int], min_seconds: float) -> str:
                 row["openmm-pool"] = throughput(pool, x, min_seconds)
                 rows.append(row)
                 print(", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    return table(rows)
+    return summary(rows) + "\n\n" + table(rows)
+
+
+def summary(rows: list[dict], batch: int = 1024, target: float = 30.0) -> str:
+    """One line per system: speed-ups over the one-Context loop at ``batch``, against the target."""
+    lines = []
+    for row in (r for r in rows if r["batch"] == batch):
+        ratios = {c: row[c] / row["openmm-loop"] for c in row if c.startswith(("torch", "openmm-pool"))}
+        best = max(ratios, key=ratios.get)
+        verdict = "meets" if ratios[best] >= target else "misses"
+        listed = ", ".join(f"{c} {v:.1f}x" for c, v in ratios.items())
+        lines.append(f"- {row['system']}, batch {batch}: {listed}; best ({best}) {verdict} the {target:g}x target.")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:

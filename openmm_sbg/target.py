@@ -127,7 +127,9 @@ class BoltzmannTarget:
                 return fallback
         if backend == "openmm":
             return OpenMMBackend(self.system, platform)
-        raise ValueError(f"backend must be 'auto', 'torch', 'torch-compiled', 'openmm' or an EnergyBackend instance, got {backend!r}")
+        raise ValueError(
+            f"backend must be 'auto', 'torch', 'torch-compiled', 'openmm' or an EnergyBackend instance, got {backend!r}"
+        )
 
     # ------------------------------------------------------------------ energies
     def energy_and_forces(self, x, allow_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

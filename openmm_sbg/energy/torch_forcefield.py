@@ -36,6 +36,9 @@ ONE_4PI_EPS0 = 138.93545764438198
 _OBC_DIELECTRIC_OFFSET = 0.009
 #: Solvent probe radius of the ACE surface-area term (nm), used by GBSAOBCForce.
 _ACE_PROBE_RADIUS = 0.14
+_KJ_PER_MOL = unit.kilojoule_per_mole
+#: Units of GBSAOBCForce's per-particle parameters: charge, radius, scaling factor.
+_GBSA_PARTICLE_UNITS = (unit.elementary_charge, unit.nanometer, unit.dimensionless)
 #: OBC2 (GBSAOBCForce) Born-radius coefficients alpha, beta, gamma.
 _OBC2_COEFFICIENTS = (1.0, 0.8, 4.85)
 
@@ -108,7 +111,7 @@ class _HarmonicBonds(_Term):
         self._indices("idx", [b[:2] for b in bonds])
         self._constants(
             ("r0", "k"),
-            [(_value(r0, unit.nanometer), _value(k, unit.kilojoule_per_mole / unit.nanometer**2)) for *_, r0, k in bonds],
+            [(_value(r0, unit.nanometer), _value(k, _KJ_PER_MOL / unit.nanometer**2)) for *_, r0, k in bonds],
         )
 
     def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +130,7 @@ class _HarmonicAngles(_Term):
         self._indices("idx", [a[:3] for a in angles])
         self._constants(
             ("theta0", "k"),
-            [(_value(t0, unit.radian), _value(k, unit.kilojoule_per_mole / unit.radian**2)) for *_, t0, k in angles],
+            [(_value(t0, unit.radian), _value(k, _KJ_PER_MOL / unit.radian**2)) for *_, t0, k in angles],
         )
 
     def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -155,7 +158,7 @@ class _PeriodicTorsions(_Term):
         self._indices("idx", [t[:4] for t in torsions])
         self._constants(
             ("periodicity", "phase", "k"),
-            [(n, _value(phase, unit.radian), _value(k, unit.kilojoule_per_mole)) for *_, n, phase, k in torsions],
+            [(n, _value(phase, unit.radian), _value(k, _KJ_PER_MOL)) for *_, n, phase, k in torsions],
         )
 
     def forward(self, xc: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -198,20 +201,22 @@ class _Nonbonded(_Term):
                 "NonbondedForce: only NoCutoff and CutoffNonPeriodic are supported (the System is non-periodic)"
             )
         if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
-            raise UnsupportedForceError("NonbondedForce: parameter offsets (global-parameter scaling) are not supported")
+            raise UnsupportedForceError(
+                "NonbondedForce: parameter offsets (global-parameter scaling) are not supported"
+            )
         n = force.getNumParticles()
         charge, sigma, epsilon = np.zeros(n), np.zeros(n), np.zeros(n)
         for a in range(n):
             q, s, e = force.getParticleParameters(a)
             charge[a] = _value(q, unit.elementary_charge)
             sigma[a] = _value(s, unit.nanometer)
-            epsilon[a] = _value(e, unit.kilojoule_per_mole)
+            epsilon[a] = _value(e, _KJ_PER_MOL)
 
         exceptions, excluded = [], set()
         for e in range(force.getNumExceptions()):
             i, j, qq, s, eps = force.getExceptionParameters(e)
             excluded.add((min(i, j), max(i, j)))
-            qq, s, eps = _value(qq, unit.elementary_charge**2), _value(s, unit.nanometer), _value(eps, unit.kilojoule_per_mole)
+            qq, s, eps = _value(qq, unit.elementary_charge**2), _value(s, unit.nanometer), _value(eps, _KJ_PER_MOL)
             if qq != 0 or eps != 0:
                 exceptions.append((i, j, qq, s, eps))
 
@@ -282,8 +287,8 @@ class _Nonbonded(_Term):
 class _OBC(_Term):
     """Generalized Born (OBC) solvation: Born radii, polar energy and ACE surface term.
 
-    Shared by ``GBSAOBCForce`` and the ``CustomGBForce`` of ``implicit/obc1.xml``; they
-    differ only in constants and in whether an atom buried inside another's scaled sphere
+    Shared by ``GBSAOBCForce`` and the ``CustomGBForce`` of ``implicit/obc1.xml`` and
+    ``implicit/obc2.xml``; they differ only in constants and in whether an atom buried inside another's scaled sphere
     gets the extra ``2 (1/rho_i - 1/L)`` term (GBSAOBCForce's C++ code adds it, the
     CustomGBForce expression does not).
 
@@ -433,12 +438,15 @@ def _gbsa_obc(force: openmm.GBSAOBCForce) -> _OBC:
         raise UnsupportedForceError("GBSAOBCForce: only NoCutoff and CutoffNonPeriodic are supported")
     params = np.array(
         [
-            [_value(v, u) for v, u in zip(force.getParticleParameters(a), (unit.elementary_charge, unit.nanometer, unit.dimensionless))]
+            [_value(v, u) for v, u in zip(force.getParticleParameters(a), _GBSA_PARTICLE_UNITS)]
             for a in range(force.getNumParticles())
         ]
     ).reshape(-1, 3)
     offset_radius = params[:, 1] - _OBC_DIELECTRIC_OFFSET
-    surface = _value(force.getSurfaceAreaEnergy(), unit.kilojoule_per_mole / unit.nanometer**2)
+    cutoff = None
+    if method == openmm.GBSAOBCForce.CutoffNonPeriodic:
+        cutoff = _value(force.getCutoffDistance(), unit.nanometer)
+    surface = _value(force.getSurfaceAreaEnergy(), _KJ_PER_MOL / unit.nanometer**2)
     return _OBC(
         charge=params[:, 0],
         offset_radius=offset_radius,
@@ -450,7 +458,7 @@ def _gbsa_obc(force: openmm.GBSAOBCForce) -> _OBC:
         solvent_dielectric=force.getSolventDielectric(),
         kappa=0.0,
         surface_factor=4 * math.pi * surface if surface != 0 else None,
-        cutoff=_value(force.getCutoffDistance(), unit.nanometer) if method == openmm.GBSAOBCForce.CutoffNonPeriodic else None,
+        cutoff=cutoff,
         engulfed_correction=True,
     )
 
@@ -464,17 +472,25 @@ def _gbsa_obc(force: openmm.GBSAOBCForce) -> _OBC:
 # reported as unsupported rather than guessed at.
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_BORN_INTEGRAL = "select(step(r+sr2-or1),0.5*(1/L-1/U+0.25*(r-sr2^2/r)*(1/(U^2)-1/(L^2))+0.5*log(L/U)/r),0);U=r+sr2;L=max(or1,D);D=abs(r-sr2)"
+_BORN_INTEGRAL = (
+    "select(step(r+sr2-or1),0.5*(1/L-1/U+0.25*(r-sr2^2/r)*(1/(U^2)-1/(L^2))+0.5*log(L/U)/r),0);"
+    "U=r+sr2;L=max(or1,D);D=abs(r-sr2)"
+)
 #: Born-radius expressions of the supported models, with their (alpha, beta, gamma).
 _BORN_RADIUS = {
     "1/(1/or-tanh(0.8*psi+2.909125*psi^3)/radius)": (0.8, 0.0, 2.909125),  # OBC1
     "1/(1/or-tanh(psi-0.8*psi^2+4.85*psi^3)/radius)": (1.0, 0.8, 4.85),  # OBC2
 }
-_SCREENING = r"\(1/soluteDielectric-(?P<salt>1|exp\(-kappa\*(?P<var>[Bf])\))/solventDielectric\)"
-_SELF_ENERGY = re.compile(rf"-0\.5\*(?P<coulomb>{_NUMBER})\*{_SCREENING}\*charge\^2/B")
+
+def _screening_pattern(variable: str) -> str:
+    """``(1/soluteDielectric-1/solventDielectric)``, or with salt ``exp(-kappa*variable)``."""
+    return rf"\(1/soluteDielectric-(?:1|exp\(-kappa\*{variable}\))/solventDielectric\)"
+
+
+_SELF_ENERGY = re.compile(rf"-0\.5\*(?P<coulomb>{_NUMBER})\*{_screening_pattern('B')}\*charge\^2/B")
 _SURFACE_ENERGY = re.compile(rf"(?P<factor>{_NUMBER})\*\(radius\+(?P<probe>{_NUMBER})\)\^2\*\(radius/B\)\^6")
 _PAIR_ENERGY = re.compile(
-    rf"-(?P<coulomb>{_NUMBER})\*{_SCREENING}\*charge1\*charge2(?:/f|\*\(1/f-(?P<shift>{_NUMBER})\))"
+    rf"-(?P<coulomb>{_NUMBER})\*{_screening_pattern('f')}\*charge1\*charge2(?:/f|\*\(1/f-(?P<shift>{_NUMBER})\))"
 )
 _BORN_DISTANCE = "sqrt(r^2+B1*B2*exp(-r^2/(4*B1*B2)))"
 
@@ -509,7 +525,8 @@ def _custom_gb_obc(force: openmm.CustomGBForce) -> _OBC:
         raise unsupported(f"{force.getNumComputedValues()} computed values, expected I and B")
 
     name, expression, kind = force.getComputedValueParameters(0)
-    if name != "I" or kind != openmm.CustomGBForce.ParticlePairNoExclusions or expression.replace(" ", "") != _BORN_INTEGRAL:
+    integral_ok = kind == openmm.CustomGBForce.ParticlePairNoExclusions and expression.replace(" ", "") == _BORN_INTEGRAL
+    if name != "I" or not integral_ok:
         raise unsupported("the Born integral I is not OBC's")
     name, expression, kind = force.getComputedValueParameters(1)
     main, defs = _split_expression(expression)
@@ -531,28 +548,29 @@ def _custom_gb_obc(force: openmm.CustomGBForce) -> _OBC:
                 value = float(defs[key])
                 if constants.setdefault(key, value) != value:
                     raise unsupported(f"energy terms disagree on {key}")
-        if kind == openmm.CustomGBForce.SingleParticle and (m := _SELF_ENERGY.fullmatch(main)):
+        single = kind == openmm.CustomGBForce.SingleParticle
+        if single and (m := _SELF_ENERGY.fullmatch(main)):
             term = "self"
-            constants.setdefault("coulomb", float(m["coulomb"]))
-            salt_ok = (m["salt"] == "1") or m["var"] == "B"
-        elif kind == openmm.CustomGBForce.SingleParticle and (m := _SURFACE_ENERGY.fullmatch(main)):
+        elif single and (m := _SURFACE_ENERGY.fullmatch(main)):
             term = "surface"
-            if float(m["probe"]) != _ACE_PROBE_RADIUS or defs.get("radius") != "or+offset" or float(defs.get("offset", "nan")) != radius_offset:
+            same_radius = defs.get("radius") == "or+offset" and float(defs.get("offset", "nan")) == radius_offset
+            if float(m["probe"]) != _ACE_PROBE_RADIUS or not same_radius:
                 raise unsupported("unrecognised surface-area term")
             surface_factor = float(m["factor"])
-            salt_ok = True
-        elif kind == openmm.CustomGBForce.ParticlePairNoExclusions and (m := _PAIR_ENERGY.fullmatch(main)):
+        elif (
+            kind == openmm.CustomGBForce.ParticlePairNoExclusions
+            and (m := _PAIR_ENERGY.fullmatch(main))
+            and defs.get("f") == _BORN_DISTANCE
+        ):
             term = "pair"
-            if defs.get("f") != _BORN_DISTANCE:
-                raise unsupported("unrecognised Born distance f in the pair energy")
-            constants.setdefault("coulomb", float(m["coulomb"]))
             pair_shift = float(m["shift"]) if m["shift"] is not None else 0.0
-            salt_ok = (m["salt"] == "1") or m["var"] == "f"
         else:
             raise unsupported(f"unrecognised energy term {expression!r}")
-        if not salt_ok or term in found or ("coulomb" in m.groupdict() and float(m["coulomb"]) != constants["coulomb"]):
-            raise unsupported(f"unrecognised energy term {expression!r}")
+        if term in found:
+            raise unsupported(f"two {term} energy terms")
         found.add(term)
+        if "coulomb" in m.re.groupindex and constants.setdefault("coulomb", float(m["coulomb"])) != float(m["coulomb"]):
+            raise unsupported("energy terms disagree on Coulomb's constant")
     if not {"self", "pair"} <= found or not {"solventDielectric", "soluteDielectric", "kappa"} <= set(constants):
         raise unsupported("missing the self or pair energy term")
 
