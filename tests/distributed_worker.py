@@ -8,7 +8,6 @@ writes what the test compares with single-process runs into ``OUT_DIR``.
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from openmm_sbg import cli, distributed
