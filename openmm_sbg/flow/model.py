@@ -248,7 +248,12 @@ class TarFlow(nn.Module):
         return y * self.std, log_det + self.dim * math.log(self.std)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log q(x)`` ``[B]`` of positions ``[B, N, 3]`` in nm (density per nm^3N)."""
+        """``log q(x)`` ``[B]`` of positions ``[B, N, 3]`` in nm (density per nm^3N).
+
+        The flow's centre of mass is N(0, ``com_std``^2 I) around the origin, so score MD
+        frames after centring them (subtract the mean atom position); SMC removes the CoM
+        factor with :func:`openmm_sbg.smc.proposal.com_log_density`.
+        """
         z, log_det = self.forward(x)
         return _standard_normal_log_prob(z) + log_det
 

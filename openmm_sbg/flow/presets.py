@@ -67,7 +67,7 @@ PRESETS: dict[str, FlowConfig] = {
     "al4": FlowConfig(width=256, n_blocks=6, layers_per_block=6, heads=4),
     "al6": FlowConfig(width=384, n_blocks=6, layers_per_block=6, heads=6),
     "chignolin": FlowConfig(width=384, n_blocks=8, layers_per_block=8, heads=6),
-    "ad2-small": FlowConfig(width=128, n_blocks=4, layers_per_block=2, heads=2),
+    "ad2-small": FlowConfig(width=64, n_blocks=4, layers_per_block=2, heads=1),
     "al3-small": FlowConfig(width=128, n_blocks=4, layers_per_block=2, heads=2),
     "al4-small": FlowConfig(width=128, n_blocks=4, layers_per_block=2, heads=2),
 }
