@@ -150,3 +150,10 @@ def test_centred_std_ignores_translation():
     assert centred_std(shifted) == pytest.approx(centred_std(x))
     with pytest.raises(ValueError, match="frames, atoms, 3"):
         centred_std(np.zeros((5, 3)))
+
+
+def test_paper_ad2_preset_runs_with_coordinate_tokens():
+    flow = TarFlow("ad2", 22, std=0.17)
+    assert len(flow.blocks) == 4 and flow.blocks[0].position.shape == (65, 256)  # 3N - 1 positions
+    x, log_q = flow.sample(2)
+    torch.testing.assert_close(log_q, flow.log_prob(x), atol=1e-3, rtol=1e-5)

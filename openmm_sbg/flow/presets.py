@@ -59,8 +59,9 @@ class FlowConfig:
 
 
 # Paper sizes (Tan et al. 2025, DESIGN.md): AD2 uses one token per Cartesian coordinate.
-# The "-small" presets keep the paper's head dimension of 64 and train in well under an
-# hour on two CPU cores; they are what the shipped model and the CPU demo use.
+# The "-small" presets keep the paper's head dimension of 64 and are sized for CPU training:
+# ad2-small trained in 13 minutes on two shared cores (openmm_sbg/models/README.md) and is
+# the shipped model; al3-small and al4-small are wider for their larger molecules.
 PRESETS: dict[str, FlowConfig] = {
     "ad2": FlowConfig(width=256, n_blocks=4, layers_per_block=4, heads=4, tokens="coordinate"),
     "al3": FlowConfig(width=256, n_blocks=6, layers_per_block=6, heads=4),
