@@ -12,15 +12,6 @@ from openmm_sbg.flow.symmetry import augment, centred_std, random_rotations, rem
 TINY = FlowConfig(width=32, n_blocks=4, layers_per_block=1, heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a shared CPU, thread synchronisation costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_flow(tokens="atom", n_atoms=5, dtype=torch.float64, std=0.3, seed=0) -> TarFlow:
     """A small flow with random (non-identity) output projections, as after training."""
     torch.manual_seed(seed)

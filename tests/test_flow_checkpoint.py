@@ -10,7 +10,7 @@ from openmm import app, unit
 from openmm_sbg import systems
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.flow.checkpoint import read_checkpoint
-from test_flow import TINY, one_thread, random_flow  # noqa: F401  (one_thread: autouse fixture)
+from test_flow import TINY, random_flow
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import torch
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.flow.checkpoint import read_checkpoint
 from openmm_sbg.shipped import model_path
-from test_flow import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_shipped_model_is_complete_and_small():

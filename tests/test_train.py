@@ -11,7 +11,6 @@ from openmm_sbg import cli
 from openmm_sbg.flow import FlowConfig, TarFlow, TrainOptions, train
 from openmm_sbg.flow.training import one_cycle_lr
 from openmm_sbg.md import MDConfig, split_labels, write_trajectory
-from test_flow import one_thread  # noqa: F401  (autouse fixture)
 
 TINY = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=1)
 
