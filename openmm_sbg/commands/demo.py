@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+from openmm_sbg.io import atomic_write_text
 
 HELP = "sample alanine dipeptide with the shipped flow (IS and SMC) and compare both with shipped reference MD"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="sbg-demo", help="folder for samples, plots and the summary (default sbg-demo)")
-    parser.add_argument("--n-particles", type=int, default=2000, help="particles (default 2000)")
+    parser.add_argument("--n-particles", type=int, default=500, help="particles (default 500)")
     parser.add_argument("--n-steps", type=int, default=100, help="SMC annealing steps (default 100)")
+    parser.add_argument("--n-mcmc-steps", type=int, default=3, help="MALA moves per annealing step (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -32,8 +36,10 @@ def run(args: argparse.Namespace) -> dict:
     runs = {
         # Plain importance sampling: the Boltzmann-generator baseline (SMC with zero steps).
         "importance_sampling": {"n_steps": 0},
-        # The paper's SMC: linear schedule to t = 1, Metropolis-adjusted Langevin moves.
-        "smc": {"n_steps": args.n_steps, "kernel": "mala", "n_mcmc_steps": 1},
+        # The paper's SMC path and linear schedule to t = 1, with Metropolis-adjusted Langevin
+        # moves: the shipped CPU-sized flow leaves bonds loose, and a few MALA moves per step
+        # relax them (E-W2 0.8 kT with 3 moves against 4.2 kT with 1, at 256 particles).
+        "smc": {"n_steps": args.n_steps, "kernel": "mala", "n_mcmc_steps": args.n_mcmc_steps},
     }
     summary = {"system": target.name, "model": os.path.basename(shipped.model_path("ad2-small")), "runs": {}}
     for name, options in runs.items():
@@ -42,6 +48,7 @@ def run(args: argparse.Namespace) -> dict:
         metrics = evaluate(SMCResult.load(out), reference, plots=os.path.join(args.out_dir, name), all_frames=True)
         summary["runs"][name] = {**sampled, **{k: v for k, v in metrics.items() if k not in sampled}}
     _print_table(summary["runs"])
+    atomic_write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
