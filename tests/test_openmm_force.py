@@ -101,7 +101,7 @@ def test_torchscript_module_matches_flow(ad2, flow_path):
         xi = x[i].clone().requires_grad_(True)
         value = module(xi)
         (module_grad,) = torch.autograd.grad(value, xi)
-        assert float(value.detach()) / ad2.kT == pytest.approx(float(energy[i]), rel=1e-6)
+        assert float(value.detach()) / ad2.kT == pytest.approx(float(energy[i]), rel=1e-5)  # float32 sums
         np.testing.assert_allclose(module_grad.numpy() / ad2.kT, grad[i].numpy(), rtol=1e-4, atol=1e-4)
 
 
