@@ -95,15 +95,20 @@ def test_sample_com_matches_com_density():
         FlowIndependenceMove(TarFlow(TINY, n_atoms=3), com_adjustment="none")
 
 
-def test_works_in_mcmc_sampler_on_ad2_and_serialises(ad2):
-    path = shipped.model_path("ad2-small")
-    move = FlowIndependenceMove(path, n_attempts=8)
-    sequence = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(timestep=1 * unit.femtosecond, n_steps=10), move])
+def _ad2_sampler(ad2, n_attempts: int, langevin_steps: int):
+    """MCMCSampler on ad2 with Langevin dynamics then the shipped flow's independence move; seeded."""
+    move = FlowIndependenceMove(shipped.model_path("ad2-small"), n_attempts=n_attempts)
+    sequence = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(timestep=1 * unit.femtosecond, n_steps=langevin_steps), move])
     sampler = mcmc.MCMCSampler(
         states.ThermodynamicState(ad2.system, ad2.temperature), states.SamplerState(ad2.positions * unit.nanometer), sequence
     )
     np.random.seed(0)
     torch.manual_seed(0)
+    return sampler, move
+
+
+def test_works_in_mcmc_sampler_on_ad2_and_serialises(ad2):
+    sampler, move = _ad2_sampler(ad2, n_attempts=8, langevin_steps=10)
     sampler.run(5)
     assert move.n_proposed == 40
     assert np.isfinite(sampler.sampler_state.potential_energy / unit.kilojoule_per_mole)
@@ -112,7 +117,7 @@ def test_works_in_mcmc_sampler_on_ad2_and_serialises(ad2):
     assert 0 <= move.n_accepted <= move.n_proposed
     restored = utils.deserialize(utils.serialize(move))
     assert restored.statistics == move.statistics
-    assert restored.checkpoint_path == os.path.abspath(path)
+    assert restored.checkpoint_path == os.path.abspath(shipped.model_path("ad2-small"))
     assert restored.flow is move.flow, "copies share one loaded flow"
 
 
@@ -147,18 +152,11 @@ def test_replica_exchange_with_flow_move_writes_and_reads_back(ad2, tmp_path):
 @pytest.mark.slow
 def test_ad2_basin_populations_match_reference(ad2):
     """Flow moves + Langevin at 300 K against an independent estimate of the phi < 0 population."""
-    path = shipped.model_path("ad2-small")
     import mdtraj
 
     from openmm_sbg import data, metrics
 
-    move = FlowIndependenceMove(path, n_attempts=10)
-    sequence = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(timestep=1 * unit.femtosecond, n_steps=50), move])
-    sampler = mcmc.MCMCSampler(
-        states.ThermodynamicState(ad2.system, ad2.temperature), states.SamplerState(ad2.positions * unit.nanometer), sequence
-    )
-    np.random.seed(0)
-    torch.manual_seed(0)
+    sampler, move = _ad2_sampler(ad2, n_attempts=10, langevin_steps=50)
     frames = []
     for _ in range(600):
         sampler.run(1)
