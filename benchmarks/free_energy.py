@@ -6,7 +6,8 @@
 - SBG: the same from repeated seeds (mean ± standard error over seeds) of importance
   sampling and the two SMC variants; the SBG runs are those of
   ``benchmarks/time_to_quality.py`` (read from ``benchmarks/results/time_to_quality.json``),
-  plus extra seeds of each method's largest budget run here (``--seeds``).
+  plus extra seeds of one budget per method run here (``--seeds``, ``FREE_ENERGY_BUDGETS``;
+  kept in ``results/free_energy_extra_rows.json`` and not rerun while that file exists).
 - Basin free-energy differences ``dF(A->B) = -ln(p_B / p_A)`` in kT, and SBG's
   ``log Z = log(Z_T / Z_S)`` per method with its seed-to-seed spread (MD has no log Z; IS and
   SMC estimate the same number, so their difference is a consistency check).
@@ -40,6 +41,7 @@ from _common import (  # noqa: E402
     load_json,
     machine,
     publish,
+    save_json,
 )
 
 HEADING = "## Free energy"
@@ -95,31 +97,41 @@ def md_analysis(path: str, blocks: int) -> dict:
 
 
 def sbg_groups(rows: list[dict]) -> list[dict]:
+    import time_to_quality as ttq
+
     groups = []
-    for key in sorted({(r["method"], r["n_particles"], r["max_steps"]) for r in rows}, key=lambda k: (k[0], k[1] * max(k[2], 1))):
-        group = [r for r in rows if (r["method"], r["n_particles"], r["max_steps"]) == key]
-        pops = np.array([r["populations"] for r in group])
-        dfs = np.array([delta_f(p) for p in pops])
-        log_z = np.array([r["log_z"] for r in group])
-        m = len(group)
+    for method in ttq.METHODS:
+        for label, group in ttq.groups_of([r for r in rows if r["method"] == method]):
+            pops = np.array([r["populations"] for r in group])
+            log_z = np.array([r["log_z"] for r in group])
+            m = len(group)
 
-        def se(values):
-            return (np.nanstd(values, axis=0, ddof=1) / np.sqrt(m)).tolist() if m > 1 else [float("nan")] * np.atleast_1d(values[0]).size
+            def se(values):
+                if m < 2:
+                    return [float("nan")] * np.atleast_1d(values[0]).size
+                return np.atleast_1d(np.nanstd(values, axis=0, ddof=1) / np.sqrt(m)).tolist()
 
-        groups.append({
-            "method": key[0], "n_particles": key[1], "max_steps": key[2], "seeds": sorted(r["seed"] for r in group),
-            "seconds_mean": float(np.mean([r["seconds"] for r in group])),
-            "ess_mean": float(np.mean([r["ess"] for r in group])),
-            "populations": pops.mean(axis=0).tolist(), "populations_se": se(pops),
-            "delta_f": np.nanmean(dfs, axis=0).tolist() if np.isfinite(dfs).any() else [float("nan")] * len(PAIRS),
-            "delta_f_se": se(dfs),
-            "log_z": float(log_z.mean()), "log_z_se": se(log_z)[0], "log_z_sd": float(log_z.std(ddof=1)) if m > 1 else float("nan"),
-        })
+            with np.errstate(all="ignore"):
+                groups.append({
+                    "method": method, "budget": label, "seeds": sorted(r["seed"] for r in group),
+                    "seconds_mean": float(np.mean([r["seconds"] for r in group])),
+                    "ess_mean": float(np.mean([r["ess"] for r in group])),
+                    "populations": pops.mean(axis=0).tolist(), "populations_se": se(pops),
+                    # dF from the seed-averaged populations (one seed alone often leaves a basin empty),
+                    # its error from theirs by the delta method.
+                    "delta_f": delta_f(pops.mean(axis=0)),
+                    "delta_f_se": [float(np.hypot(se(pops)[a] / pops[:, a].mean(), se(pops)[b] / pops[:, b].mean())) for a, b in PAIRS],
+                    "log_z": float(log_z.mean()), "log_z_se": se(log_z)[0], "log_z_sd": float(log_z.std(ddof=1)) if m > 1 else float("nan"),
+                })
     return groups
 
 
+#: The budget of each method (a time-to-quality label) repeated over seeds here.
+FREE_ENERGY_BUDGETS = {"IS": "K=4000", "SMC linear+ULA (paper)": "K=250 L=100", "SMC adaptive+MALA": "K=250 cESS=0.9"}
+
+
 def extra_runs(n_seeds: int, flow_path: str, reference: str, max_samples: int, known: list[dict]) -> list[dict]:
-    """Seeds 0..n_seeds-1 of each method's largest time-to-quality budget that ``known`` lacks."""
+    """Seeds 0..n_seeds-1 of each method's :data:`FREE_ENERGY_BUDGETS` budget that ``known`` lacks."""
     import time_to_quality as ttq
     from openmm_sbg import TarFlow, systems
 
@@ -128,15 +140,17 @@ def extra_runs(n_seeds: int, flow_path: str, reference: str, max_samples: int, k
     scorer = ttq.Scorer(reference, max_samples)
     rows = []
     for method, budgets in ttq.default_budgets(False).items():
-        n_particles, n_steps = max(budgets, key=lambda b: b[0] * max(b[1], 1))
-        have = {r["seed"] for r in known if (r["method"], r["n_particles"], r["max_steps"]) == (method, n_particles, n_steps)}
+        spec = next(b for b in budgets if b["label"] == FREE_ENERGY_BUDGETS[method])
+        have = {r["seed"] for r in known if (r["method"], r["budget"]) == (method, spec["label"])}
         missing = [s for s in range(n_seeds) if s not in have]
         if missing:
-            rows += ttq.run_sbg(target, flow, scorer, {method: [(n_particles, n_steps)]}, missing, WORK / "ttq-samples")
+            rows += ttq.run_sbg(target, flow, scorer, {method: [spec]}, WORK / "ttq-samples", seeds=missing)
     return rows
 
 
 def fmt(value, err=None, digits=3) -> str:
+    if value is not None and value == np.inf:
+        return "+inf (basin empty)"
     if value is None or not np.isfinite(value):
         return "n/a"
     if err is None or not np.isfinite(err):
@@ -152,7 +166,7 @@ def report(results: dict) -> str:
         f"Command: `{results['command']}`. Basins: {BASIN_RULE}. dF(A->B) = -ln(p_B / p_A) in kT. "
         f"MD errors: `pymbar.timeseries.statistical_inefficiency` of each basin indicator (g, in frames of 0.5 ps), "
         f"and the standard error over {results['md'][0]['blocks']} contiguous blocks. SBG errors: standard error over seeds. "
-        "All populations use the samples' final weights.",
+        "All populations use the samples' final weights; SBG dF comes from the seed-averaged populations.",
         "",
         f"| source | samples | wall-clock | {names} (g errors for MD) | block errors (MD) | dF(C7eq->alphaR) kT | dF(C7eq->alphaL) kT |",
         "|---|---|---|---|---|---|---|",
@@ -165,9 +179,8 @@ def report(results: dict) -> str:
     for g in results["sbg"]:
         pops = " / ".join(fmt(p, e) for p, e in zip(g["populations"], g["populations_se"]))
         dfs = [fmt(d, e) for d, e in zip(g["delta_f"], g["delta_f_se"])]
-        steps = "IS" if g["max_steps"] == 0 else f"{g['max_steps']} steps"
         lines.append(
-            f"| SBG {g['method']} | {g['n_particles']} particles, {steps}, {len(g['seeds'])} seeds | {g['seconds_mean']:.0f} s/seed | "
+            f"| SBG {g['method']} | {g['budget']}, {len(g['seeds'])} seed{'s' * (len(g['seeds']) > 1)} | {g['seconds_mean']:.0f} s/seed | "
             f"{pops} | - | {dfs[0]} | {dfs[1]} |"
         )
     md0 = results["md"][0]
@@ -180,16 +193,16 @@ def report(results: dict) -> str:
         "log Z = log(Z_T / Z_S) of SBG (the flow's normaliser is 1, so this is log of the configurational integral of exp(-E_T) in nm^66, "
         "with the CoM convention of `openmm_sbg.smc.proposal`); mean ± standard error over seeds, and the seed-to-seed standard deviation:",
         "",
-        "| method | particles | steps | seeds | log Z | sd over seeds | ESS |",
-        "|---|---|---|---|---|---|---|",
+        "| method | budget | seeds | log Z | sd over seeds | ESS |",
+        "|---|---|---|---|---|---|",
     ]
     for g in results["sbg"]:
         lines.append(
-            f"| {g['method']} | {g['n_particles']} | {g['max_steps']} | {len(g['seeds'])} | {fmt(g['log_z'], g['log_z_se'], 2)} | "
+            f"| {g['method']} | {g['budget']} | {len(g['seeds'])} | {fmt(g['log_z'], g['log_z_se'], 2)} | "
             f"{fmt(g['log_z_sd'], None, 2)} | {g['ess_mean']:.4f} |"
         )
     if results.get("log_z_differences"):
-        lines += ["", "log Z differences between the largest budget of each method (should be 0 if both are right): "
+        lines += ["", f"log Z differences between methods (budgets {', '.join(FREE_ENERGY_BUDGETS.values())}; 0 if both are right): "
                   + "; ".join(f"{d['pair']}: {fmt(d['difference'], d['se'], 2)}" for d in results["log_z_differences"]) + "."]
     return "\n".join(lines)
 
@@ -199,7 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--md", nargs="+", default=[str(ROOT / "runs" / "ad2-ref.h5"), str(ROOT / "runs" / "ad2-md.h5")], help="MD files")
     parser.add_argument("--reference", default=str(ROOT / "runs" / "ad2-ref.h5"), help="reference for the extra runs' E-W2 / T-W2")
     parser.add_argument("--blocks", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=4, help="seeds of each method's largest budget (extra ones are run here)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of each method's FREE_ENERGY_BUDGETS budget (those missing from time_to_quality are run here)")
     parser.add_argument("--flow", default=None)
     parser.add_argument("--max-samples", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
@@ -209,19 +222,21 @@ def main(argv=None) -> None:
     started = time.perf_counter()
 
     rows = list(load_json("time_to_quality.json")["sbg"]) if (DATA / "time_to_quality.json").exists() else []
+    cached = load_json("free_energy_extra_rows.json")["rows"] if (DATA / "free_energy_extra_rows.json").exists() else []
+    rows += cached
     flow_path = args.flow or default_flow()
     extra = extra_runs(args.seeds, flow_path, args.reference, args.max_samples, rows) if args.seeds else []
     rows += extra
+    extra = cached + extra
+    if extra and not args.no_results:
+        save_json("free_energy_extra_rows.json", {"rows": extra})  # kept at once (they took minutes); reused by later runs
     groups = sbg_groups(rows)
-    largest = {}
-    for g in groups:
-        if g["method"] not in largest or g["n_particles"] * max(g["max_steps"], 1) > largest[g["method"]]["n_particles"] * max(largest[g["method"]]["max_steps"], 1):
-            largest[g["method"]] = g
+    chosen = {g["method"]: g for g in groups if g["budget"] == FREE_ENERGY_BUDGETS.get(g["method"])}
     differences = []
-    methods = list(largest)
+    methods = list(chosen)
     for i, a in enumerate(methods):
         for b in methods[i + 1 :]:
-            ga, gb = largest[a], largest[b]
+            ga, gb = chosen[a], chosen[b]
             differences.append({"pair": f"{b} - {a}", "difference": gb["log_z"] - ga["log_z"], "se": float(np.hypot(ga["log_z_se"], gb["log_z_se"]))})
     results = {
         "machine": machine(),
