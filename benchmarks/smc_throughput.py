@@ -14,7 +14,7 @@ whole-step speed-up is bounded by the flow's share of the step. Flows: the paper
 ``ad2`` preset (width 256, 4 blocks x 4 layers, one token per coordinate) and ``ad2-small``,
 with untrained weights (cost does not depend on the weights). Particles are MD frames.
 
-Run: ``nice python benchmarks/smc_throughput.py`` (~5 minutes on 2 shared cores); it writes
+Run: ``nice python benchmarks/smc_throughput.py`` (~7 minutes on 2 shared cores); it writes
 ``benchmarks/results/smc_throughput.json`` and the "SMC throughput" section of RESULTS.md.
 """
 

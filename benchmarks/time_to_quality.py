@@ -20,7 +20,7 @@ frames); its first half against its second half gives the noise floor of each me
 T-W2 subsamples both sets to ``--max-samples`` (by weight) for the exact EMD, for every
 method alike.
 
-Run: ``nice python benchmarks/time_to_quality.py`` (~20 minutes on 2 shared cores); it writes
+Run: ``nice python benchmarks/time_to_quality.py`` (10-20 minutes on 2 shared cores); it writes
 ``benchmarks/results/time_to_quality.json``, two plots in ``benchmarks/plots/`` and the
 "Time to quality" section of ``benchmarks/RESULTS.md``.
 """
