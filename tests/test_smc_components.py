@@ -122,6 +122,17 @@ def test_adaptive_schedule_keeps_the_conditional_ess_at_its_target():
     assert schedule.next_time(0, 0.2, log_w, e_source, e_source + 0.01) == 1.0
 
 
+def test_adaptive_schedule_ends_at_one_on_its_last_allowed_step():
+    generator = torch.Generator().manual_seed(0)
+    e_source = torch.randn(500, generator=generator, dtype=torch.float64)
+    e_target = 20 * torch.randn(500, generator=generator, dtype=torch.float64)
+    log_w = torch.zeros(500, dtype=torch.float64)
+    schedule = AdaptiveSchedule(target_cess=0.9, max_steps=3)
+    assert schedule.next_time(1, 0.2, log_w, e_source, e_target) < 1.0
+    with pytest.warns(RuntimeWarning, match="3-step limit"):
+        assert schedule.next_time(2, 0.2, log_w, e_source, e_target) == 1.0
+
+
 # ---------------------------------------------------------------------------- kernels
 def _gaussian_potential(x):
     energy = 0.5 * x.square().flatten(1).sum(1)

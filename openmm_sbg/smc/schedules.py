@@ -7,6 +7,7 @@ paper's code stops at 0.99, leaving its samples short of the target).
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol, Sequence
 
 import torch
@@ -71,7 +72,8 @@ class AdaptiveSchedule:
     target_cess
         Conditional ESS to keep per step, in (0, 1); closer to 1 gives more, smaller steps.
     max_steps
-        Give up (raise) rather than take more steps than this.
+        At most this many steps: the last one goes to t = 1 (with a warning if its
+        conditional ESS is below the target).
     min_step
         Smallest step in ``t``; guards against stalling when energies are extreme.
     tolerance
@@ -87,21 +89,28 @@ class AdaptiveSchedule:
         self.tolerance = tolerance
 
     def next_time(self, step, t, log_weights, e_source, e_target) -> float:
-        if step >= self.max_steps:
-            raise RuntimeError(
-                f"the adaptive schedule took {self.max_steps} steps without reaching t = 1; "
-                "lower target_cess or raise max_steps"
-            )
-
-        def cess(t_next: float) -> float:
+        def cess_at(t_next: float) -> float:
             return conditional_ess(log_weights, jarzynski_increment(e_source, e_target, t, t_next))
 
-        if cess(1.0) >= self.target_cess:
+        if step >= self.max_steps - 1:
+            # The last allowed step goes to t = 1 whatever its conditional ESS: the weights stay
+            # exact (the increment is the usual one), only their variance grows. Raising here
+            # would throw away the whole run.
+            if t < 1.0 and cess_at(1.0) < self.target_cess:
+                warnings.warn(
+                    f"the adaptive schedule reached its {self.max_steps}-step limit at t = {t:.4f}; the last step "
+                    f"goes to t = 1 with conditional ESS {cess_at(1.0):.3f}. Raise n_steps or lower target_cess.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return 1.0
+
+        if cess_at(1.0) >= self.target_cess:
             return 1.0
         low, high = t, 1.0
         while high - low > self.tolerance:
             middle = 0.5 * (low + high)
-            if cess(middle) >= self.target_cess:
+            if cess_at(middle) >= self.target_cess:
                 low = middle
             else:
                 high = middle
