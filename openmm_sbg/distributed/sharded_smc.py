@@ -227,17 +227,11 @@ class ShardedSMCSampler(SMCSampler):
             mine = (alive >= start) & (alive < stop)
             local_alive = alive[mine] - start
             noise, uniform = noise[mine], uniform[mine]
-            moving, moved, local_acceptance = state.local.select(local_alive), [], []
-            for first in range(0, len(local_alive), self.batch_size):
-                batch = slice(first, first + self.batch_size)
-                new, info = self.kernel(moving.select(batch), t, self.potential, step_size, noise[batch], uniform[batch])
-                moved.append(new)
-                local_acceptance.append(info.acceptance)
-            if moved:
-                state.local.assign(local_alive, PathState.cat(moved))
+            moved, mine_acceptance = self._apply_kernel(state.local.select(local_alive), t, step_size, noise, uniform)
+            if moved is not None:
+                state.local.assign(local_alive, moved)
             state.refresh()
             alive_sizes = [int(((alive >= lo) & (alive < hi)).sum()) for lo, hi in (_span(state.sizes, r) for r in range(self.world_size))]
-            mine_acceptance = torch.cat(local_acceptance) if local_acceptance else torch.empty(0, dtype=torch.float64)
             acceptance.append(all_gather_rows(mine_acceptance.to(torch.float64), alive_sizes))
             finite = torch.isfinite(state.e_source) & torch.isfinite(state.e_target)
             run["log_w"] = torch.where(finite, run["log_w"], torch.full_like(run["log_w"], -torch.inf))

@@ -353,21 +353,33 @@ class SMCSampler:
             # Draw all random numbers at once so results do not depend on batch_size.
             noise = torch.randn((len(alive), *state.x.shape[1:]), dtype=torch.float64, generator=generator)
             uniform = torch.rand(len(alive), dtype=torch.float64, generator=generator)
-            moving = state.select(alive)
-            moved = []
-            for start in range(0, len(alive), self.batch_size):
-                batch = slice(start, start + self.batch_size)
-                new, info = self.kernel(moving.select(batch), t, self.potential, step_size, noise[batch], uniform[batch])
-                moved.append(new)
-                acceptance.append(info.acceptance)
-            if moved:
-                state.assign(alive, PathState.cat(moved))
+            moved, moved_acceptance = self._apply_kernel(state.select(alive), t, step_size, noise, uniform)
+            if moved is not None:
+                state.assign(alive, moved)
+                acceptance.append(moved_acceptance)
             # A move onto a non-finite energy (possible with ULA) zeroes that particle's weight
             # at once, so no particle ever has a finite weight and a non-finite energy.
             finite = torch.isfinite(state.e_source) & torch.isfinite(state.e_target)
             run["log_w"] = torch.where(finite, run["log_w"], torch.full_like(run["log_w"], -math.inf))
         mean_acceptance = float(torch.cat(acceptance).mean()) if acceptance else float("nan")
         return mean_acceptance, len(alive)
+
+    def _apply_kernel(
+        self, moving: PathState, t: float, step_size: float, noise: torch.Tensor, uniform: torch.Tensor
+    ) -> tuple[PathState | None, torch.Tensor]:
+        """One kernel move of every particle in ``moving``, ``batch_size`` at a time.
+
+        Returns the moved particles (``None`` if there were none) and their acceptances.
+        """
+        moved, acceptance = [], []
+        for start in range(0, len(noise), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            new, info = self.kernel(moving.select(batch), t, self.potential, step_size, noise[batch], uniform[batch])
+            moved.append(new)
+            acceptance.append(info.acceptance)
+        if not moved:
+            return None, torch.empty(0, dtype=torch.float64)
+        return PathState.cat(moved), torch.cat(acceptance)
 
     def _result(self, run: dict, seed: int, seconds: float) -> SMCResult:
         state = run["state"]
