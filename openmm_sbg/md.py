@@ -65,7 +65,7 @@ def split_labels(n_frames: int, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:
     return labels
 
 
-def _make_simulation(target: BoltzmannTarget, config: MDConfig, platform: str | None) -> openmm.Context:
+def _make_context(target: BoltzmannTarget, config: MDConfig, platform: str | None) -> openmm.Context:
     integrator = openmm.LangevinMiddleIntegrator(
         target.temperature, config.friction_per_ps / unit.picosecond, config.timestep_fs * unit.femtosecond
     )
@@ -139,7 +139,7 @@ def run_md(
     work = _WorkDir(out)
     settings = {"config": dataclasses.asdict(config), "n_atoms": target.n_atoms, "name": target.name}
     state = work.read_progress()
-    context = _make_simulation(target, config, platform)
+    context = _make_context(target, config, platform)
     if state is None:
         if os.path.exists(work.path):
             shutil.rmtree(work.path)  # a run that died before its first commit
