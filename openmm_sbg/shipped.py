@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 
@@ -13,9 +14,27 @@ def _package_file(folder: str, filename: str, what: str) -> str:
     return str(path)
 
 
-def model_path(name: str = "ad2-small") -> str:
-    """The shipped flow checkpoint ``name`` (e.g. ``"ad2-small"``), for ``TarFlow.load``."""
+def model_path(name: str = "ad2") -> str:
+    """The shipped flow checkpoint ``name`` (e.g. ``"ad2"``), for ``TarFlow.load``."""
     return _package_file("models", f"{name}.pt", "model")
+
+
+def model_names() -> list[str]:
+    """Names of the shipped flows."""
+    return sorted(p.name[:-3] for p in (resources.files("openmm_sbg") / "models").iterdir() if p.name.endswith(".pt"))
+
+
+def flow_path(flow: str | os.PathLike) -> str:
+    """A flow checkpoint's path: ``flow`` itself if that file exists, else the shipped model of that name."""
+    path = os.fspath(flow)
+    if os.path.exists(path):
+        return path
+    if path in model_names():
+        return model_path(path)
+    raise FileNotFoundError(
+        f"flow checkpoint {path!r} does not exist and there is no shipped model of that name (shipped: {', '.join(model_names())}); "
+        "train one with `openmm-sbg train`"
+    )
 
 
 def reference_path(system: str = "ad2") -> str:

@@ -1,6 +1,7 @@
 """The flow as an OpenMM force and the lambda-annealed System, on the CPU and Reference platforms."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import openmm
@@ -9,7 +10,9 @@ import torch
 from openmm import unit
 from openmmtools import cache, mcmc, states
 
-from openmm_sbg import TarFlow
+from openmm_sbg import TarFlow, systems
+from openmm_sbg.flow import get_preset
+from openmm_sbg.flow.presets import REPRESENTATIONS
 from openmm_sbg.openmm import (
     AnnealingState,
     create_annealed_state,
@@ -23,11 +26,13 @@ from openmm_sbg.smc.proposal import com_energy
 PLATFORMS = ["Reference", "CPU"]
 
 
-@pytest.fixture(scope="module")
-def flow_path(tmp_path_factory):
-    """A small ad2 flow with random (non-identity) blocks, saved as a checkpoint."""
+@pytest.fixture(scope="module", params=REPRESENTATIONS)
+def flow_path(request, tmp_path_factory):
+    """A small ad2 flow of each representation with random (non-identity) blocks, saved as a checkpoint."""
     torch.manual_seed(0)
-    flow = TarFlow("ad2-small", n_atoms=22, std=0.3)
+    target = systems.get("ad2", platform="Reference")
+    flow = TarFlow(dataclasses.replace(get_preset("ad2-small"), representation=request.param), target=target, std=0.3)
+    flow.representation.fit(_configurations(target, n=64))
     with torch.no_grad():
         for parameter in flow.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))

@@ -7,7 +7,10 @@ from openmm import unit
 from openmmtools import mcmc
 
 from openmm_sbg import SMCSampler, TarFlow, metrics, shipped
+from openmm_sbg.flow import FlowConfig
 from openmm_sbg.openmm import OpenMMMoveKernel
+
+CARTESIAN_SMALL = FlowConfig(width=64, n_blocks=4, layers_per_block=2, heads=1)
 
 
 def _short_move():
@@ -18,7 +21,7 @@ def _short_move():
 def test_kernel_runs_inside_smc_sampler(ad2, tmp_path, platform):
     path = tmp_path / "flow.pt"
     torch.manual_seed(0)
-    TarFlow("ad2-small", n_atoms=22, std=0.3).save(path)
+    TarFlow(CARTESIAN_SMALL, n_atoms=22, std=0.3).save(path)
     flow = TarFlow.load(path)
     kernel = OpenMMMoveKernel(ad2, path, move=_short_move(), platform=platform)
     sampler = SMCSampler(ad2, flow, n_particles=4, n_steps=2, kernel=kernel, clip_fraction=0.0, progress=False)
@@ -31,7 +34,7 @@ def test_kernel_runs_inside_smc_sampler(ad2, tmp_path, platform):
 
 def test_kernel_refuses_a_path_other_than_the_samplers(ad2, tmp_path):
     path = tmp_path / "flow.pt"
-    TarFlow("ad2-small", n_atoms=22, std=0.3).save(path)
+    TarFlow(CARTESIAN_SMALL, n_atoms=22, std=0.3).save(path)
     sampler = SMCSampler(ad2, TarFlow.load(path), n_particles=2, n_steps=1, com_adjustment="chi3", progress=False)
     state = sampler.potential(torch.as_tensor(ad2.positions[None] + 0.3))  # CoM away from 0: chi3 != gaussian
     kernel = OpenMMMoveKernel(ad2, path, move=_short_move(), com_adjustment="gaussian", platform="Reference")

@@ -99,7 +99,7 @@ def test_cli_train_writes_flow_and_summary(tmp_path, ad2, capsys):
     assert summary["n_train"] == 80 and summary["n_val"] == 10 and summary["steps"] == 3
     assert math.isfinite(summary["val_nll_per_dim"])
     flow = TarFlow.load(out, target=ad2)
-    assert flow.metadata["data"] == str(data) and flow.target().name == "ad2"
+    assert flow.metadata["data"] == [str(data)] and flow.target().name == "ad2"
     # Rerunning the finished command is refused with a clear message, not retrained.
     assert cli.main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from openmm_sbg.smc import DEFAULT_STEP_SIZE
 
     add_system_arguments(parser)
-    parser.add_argument("--flow", required=True, help="flow checkpoint (.pt) from `openmm-sbg train`")
+    parser.add_argument("--flow", required=True, help="flow checkpoint (.pt) from `openmm-sbg train`, or a shipped model's name (ad2)")
     parser.add_argument("--out", required=True, help="samples file to write (.h5: mdtraj trajectory + log_weights, energies_kT)")
     parser.add_argument("--n-particles", type=int, default=1000, help="proposals drawn / particles kept (default 1000)")
     parser.add_argument("--n-steps", type=int, default=100, help="annealing steps (the most, for --schedule adaptive); 0 = importance sampling (default 100)")
@@ -51,8 +51,6 @@ def run(args: argparse.Namespace) -> dict:
     if distributed.is_launched():
         # Under torchrun each process samples a slice of the particles on its own device.
         args.device = str(distributed.init(args.device).device)
-    if not os.path.exists(args.flow):
-        raise FileNotFoundError(f"no flow checkpoint at {args.flow!r}; train one with `openmm-sbg train`")
     if args.system is None and args.pdb is None:
         # The checkpoint knows its molecule.
         flow = TarFlow.load(args.flow, map_location=args.device)

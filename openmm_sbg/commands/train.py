@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+
+import numpy as np
 
 from openmm_sbg.commands.common import add_system_arguments, target_from_args
 
@@ -12,12 +15,25 @@ HELP = "train a TarFlow proposal on MD frames; rerun the same command to resume 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from openmm_sbg.flow import TrainOptions, preset_names
+    from openmm_sbg.flow.presets import REPRESENTATIONS
 
     defaults = TrainOptions()
     add_system_arguments(parser)
-    parser.add_argument("--data", required=True, help="MD trajectory: an `openmm-sbg md` file, or any file mdtraj reads")
+    parser.add_argument(
+        "--data", required=True, nargs="+",
+        help="MD trajectories: `openmm-sbg md` files, or any files mdtraj reads (several are concatenated)",
+    )
     parser.add_argument("--out", required=True, help="flow checkpoint to write (.pt); updated after every epoch")
-    parser.add_argument("--preset", default="ad2-small", choices=preset_names(), help="flow architecture (default ad2-small)")
+    parser.add_argument(
+        "--preset", default="ad2-small", choices=preset_names(),
+        help="flow architecture (default ad2-small). The -small presets are sized for a CPU and use internal "
+        "coordinates; the paper's presets (ad2, al3, ...) are Cartesian and sized for a GPU",
+    )
+    parser.add_argument(
+        "--representation", choices=REPRESENTATIONS, default=None,
+        help="what the flow models: internal (Z-matrix bonds, angles, dihedrals) or cartesian (the paper's); "
+        "default: the preset's",
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
     length.add_argument("--steps", type=int, default=None, help="optimiser steps (instead of --epochs)")
@@ -38,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from openmm_sbg import data, distributed
-    from openmm_sbg.flow import TrainOptions, train
+    from openmm_sbg import distributed
+    from openmm_sbg.flow import TrainOptions, get_preset, train
 
     train_function = train
     if distributed.is_launched():
@@ -49,14 +65,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     target = target_from_args(args)
-    if "split" in data.read_metadata(args.data):
-        train_positions = data.load_positions(args.data, target=target, split="train")
-        val_positions = data.load_positions(args.data, target=target, split="val")
-        held_out = "the file's val split"
-    else:
-        # Any other trajectory: train() holds out its last 10% of frames.
-        train_positions, val_positions = data.load_positions(args.data, target=target), None
-        held_out = "the last 10% of frames"
+    train_positions, val_positions, held_out = _training_frames(args.data, target)
+    config = get_preset(args.preset)
+    if args.representation is not None:
+        config = dataclasses.replace(config, representation=args.representation)
     options = TrainOptions(
         epochs=args.epochs,
         steps=args.steps,
@@ -73,13 +85,13 @@ def run(args: argparse.Namespace) -> dict:
         train_positions,
         val_positions,
         target=target,
-        config=args.preset,
+        config=config,
         options=options,
         checkpoint_path=args.out,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,
-        metadata={"data": os.fspath(args.data), "validation": held_out, "preset": args.preset},
+        metadata={"data": [os.fspath(path) for path in args.data], "validation": held_out, "preset": args.preset},
     )
     record = flow.metadata
     return {
@@ -87,6 +99,7 @@ def run(args: argparse.Namespace) -> dict:
         "system": target.name,
         "n_atoms": flow.n_atoms,
         "preset": args.preset,
+        "representation": config.representation,
         "parameters": sum(p.numel() for p in flow.parameters()),
         "n_train": record["n_train"],
         "n_val": record["n_val"],
@@ -99,3 +112,21 @@ def run(args: argparse.Namespace) -> dict:
         "std_nm": flow.std,
         "com_std_nm": flow.com_std,
     }
+
+
+def _training_frames(paths: list[str], target):
+    """Training and validation frames of every file, concatenated, and where validation came from."""
+    from openmm_sbg import data
+
+    train_parts, val_parts = [], []
+    for path in paths:
+        if "split" in data.read_metadata(path):
+            train_parts.append(data.load_positions(path, target=target, split="train"))
+            val_parts.append(data.load_positions(path, target=target, split="val"))
+        else:
+            # Any other trajectory: its last 10% of frames are held out.
+            frames = data.load_positions(path, target=target)
+            n_val = max(1, len(frames) // 10)
+            train_parts.append(frames[:-n_val])
+            val_parts.append(frames[-n_val:])
+    return np.concatenate(train_parts), np.concatenate(val_parts), "each file's val split (or last 10% of frames)"

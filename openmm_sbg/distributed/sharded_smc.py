@@ -28,7 +28,7 @@ from openmm_sbg.distributed.fast_paths import FastFlow
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.smc.driver import SMCSampler
 from openmm_sbg.smc.kernels import PathState
-from openmm_sbg.smc.proposal import draw_proposals, module_dtype_device
+from openmm_sbg.smc.proposal import draw_proposals
 from openmm_sbg.smc.result import SMCResult
 
 
@@ -148,28 +148,26 @@ class ShardedState:
 def _draw_rows(flow, n: int, batch_size: int, generator: torch.Generator, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of ``draw_proposals(flow, n, batch_size, generator)``, inverting only those.
 
-    A :class:`~openmm_sbg.TarFlow` draws its latent noise batch by batch and then inverts it
-    (the costly part); drawing every batch's noise keeps the generator in step with one
-    process's draws (a :class:`FastFlow` samples as its TarFlow). Other proposals are drawn
-    in full and sliced.
+    A :class:`~openmm_sbg.TarFlow` draws all the noise of a batch (:meth:`~openmm_sbg.TarFlow.draw_latents`)
+    and then inverts it (the costly part); drawing every batch's noise keeps the generator in
+    step with one process's draws (a :class:`FastFlow` samples as its TarFlow). Other
+    proposals are drawn in full and sliced.
     """
     if isinstance(flow, FastFlow):
         flow = flow.flow
     if not isinstance(flow, TarFlow):
         return draw_proposals(flow, n, batch_size, generator)[start:stop]
-    dtype, device = module_dtype_device(flow)
     # TarFlow.sample draws its noise in chunks of its batch_size; follow the same chunks.
     sample_chunk = inspect.signature(flow.sample).parameters["batch_size"].default
     rows = []
-    with torch.no_grad():
-        for call_start in range(0, n, batch_size):
-            call_count = min(batch_size, n - call_start)
-            for offset in range(0, call_count, sample_chunk):
-                first = call_start + offset
-                z = torch.randn(min(sample_chunk, call_count - offset), flow.n_atoms, 3, generator=generator, dtype=dtype, device=device)
-                lo, hi = max(start, first) - first, min(stop, first + len(z)) - first
-                if lo < hi:
-                    rows.append(flow.inverse(z[lo:hi])[0].to(dtype=torch.float64, device="cpu"))
+    for call_start in range(0, n, batch_size):
+        call_count = min(batch_size, n - call_start)
+        for offset in range(0, call_count, sample_chunk):
+            first = call_start + offset
+            latents = flow.draw_latents(min(sample_chunk, call_count - offset), generator)
+            lo, hi = max(start, first) - first, min(stop, first + len(latents)) - first
+            if lo < hi:
+                rows.append(flow.from_latents(latents[lo:hi])[0].to(dtype=torch.float64, device="cpu"))
     return torch.cat(rows) if rows else torch.empty((0, flow.n_atoms, 3), dtype=torch.float64)
 
 

@@ -22,6 +22,8 @@ from torch import nn
 
 from openmm_sbg.flow import checkpoint
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
+from openmm_sbg.flow.representations import make_representation
+from openmm_sbg.flow.zmatrix import ZMatrix
 
 
 class KVCache:
@@ -140,12 +142,14 @@ class AutoregressiveAffine(nn.Module):
 class TarFlow(nn.Module):
     """Normalizing flow over molecular configurations ``[B, N, 3]`` in nm.
 
-    The flow works on normalised coordinates ``y = x / std`` (``std`` is one scalar from the
-    centred training set) with a standard normal prior; all public densities are in nm-space
-    and include the normalisation Jacobian ``-3N log std``. Training (see
-    :func:`openmm_sbg.flow.train`) centres and randomly rotates every configuration and adds
-    CoM noise N(0, I/N) in normalised units, so the CoM of the flow's samples is Gaussian
-    with std :attr:`com_std` per Cartesian coordinate.
+    The transformer blocks work on the features of a representation
+    (:mod:`openmm_sbg.flow.representations`, chosen by ``config.representation``) with a
+    standard normal prior; all public densities are in nm-space and include the
+    representation's exact log-determinant. ``cartesian``: features ``x / std``; training
+    centres and randomly rotates every configuration and adds CoM noise N(0, I/N) in
+    normalised units. ``internal``: Z-matrix bonds, angles and dihedrals, with the
+    orientation uniform and the CoM Gaussian by construction. Either way the CoM of the
+    flow's samples is Gaussian with std :attr:`com_std` per Cartesian coordinate.
 
     Parameters
     ----------
@@ -158,7 +162,15 @@ class TarFlow(nn.Module):
         checkpoints so that :meth:`load` can refuse a wrong molecule and :meth:`target` can
         rebuild it.
     std
-        Scalar normalisation in nm (set from the data by :func:`openmm_sbg.flow.train`).
+        Scalar std (nm) of the centred training positions (set from the data by
+        :func:`openmm_sbg.flow.train`): the Cartesian normalisation, and for both
+        representations the scale of the samples' CoM, :attr:`com_std`.
+    topology
+        The molecule's ``openmm.app.Topology`` (taken from ``target`` when that is given): an
+        ``internal`` flow builds its Z-matrix from the bonds.
+    zmatrix
+        An ``internal`` flow's :class:`~openmm_sbg.flow.zmatrix.ZMatrix`, instead of building
+        it from ``topology`` (checkpoints store it).
 
     Examples
     --------
@@ -167,13 +179,25 @@ class TarFlow(nn.Module):
     >>> flow.energy(x).sum().backward()       # -log q and its gradient, for annealing
     """
 
-    def __init__(self, config: FlowConfig | str | dict = "ad2-small", n_atoms: int | None = None, *, target=None, std: float = 1.0):
+    def __init__(
+        self,
+        config: FlowConfig | str | dict = "ad2-small",
+        n_atoms: int | None = None,
+        *,
+        target=None,
+        std: float = 1.0,
+        topology=None,
+        zmatrix: ZMatrix | None = None,
+    ):
         super().__init__()
         self.config = resolve_config(config)
         if target is not None:
             if n_atoms is not None and n_atoms != target.n_atoms:
                 raise ValueError(f"n_atoms={n_atoms} but the target has {target.n_atoms} atoms")
             n_atoms = target.n_atoms
+            topology = target.topology if topology is None else topology
+        if n_atoms is None and topology is not None:
+            n_atoms = topology.getNumAtoms()
         if n_atoms is None or int(n_atoms) < 2:
             raise ValueError(f"a TarFlow needs n_atoms >= 2 (or a target), got {n_atoms!r}")
         if not (math.isfinite(std) and std > 0):
@@ -183,8 +207,11 @@ class TarFlow(nn.Module):
         self.target_identity = None if target is None else checkpoint.target_identity(target)
         self.metadata: dict = {}
         cfg = self.config
-        tokens, channels = (self.n_atoms, 3) if cfg.tokens == "atom" else (3 * self.n_atoms, 1)
-        self._token_shape = (tokens, channels)
+        if cfg.representation == "internal" and zmatrix is None and topology is not None:
+            zmatrix = ZMatrix.from_topology(topology)
+        self.representation = make_representation(cfg.representation, self.n_atoms, self.std, zmatrix)
+        self._token_shape = self.representation.token_shape(cfg.tokens)
+        tokens, channels = self._token_shape
         self.blocks = nn.ModuleList(
             AutoregressiveAffine(tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio, reverse=i % 2 == 1)
             for i in range(cfg.n_blocks)
@@ -198,8 +225,13 @@ class TarFlow(nn.Module):
 
     @property
     def dim(self) -> int:
-        """Number of coordinates, ``3N``."""
-        return 3 * self.n_atoms
+        """Number of features the transformer blocks model: ``3N``, or ``3N - 6`` for internal coordinates."""
+        return self._token_shape[0] * self._token_shape[1]
+
+    @property
+    def latent_dim(self) -> int:
+        """Normal numbers per sample (:meth:`draw_latents`): the features plus any rigid-body noise."""
+        return self.dim + self.representation.n_rigid
 
     def _param(self) -> torch.Tensor:
         return self.blocks[0].position
@@ -214,7 +246,7 @@ class TarFlow(nn.Module):
         return x.to(dtype=param.dtype, device=param.device)
 
     def normalised_forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised configurations ``y = x / std`` ``[B, N, 3]`` -> ``(z, log|det dz/dy|)``."""
+        """Features ``y`` ``[B, ...]`` (see :mod:`~openmm_sbg.flow.representations`) -> ``(z, log|det dz/dy|)``."""
         h = y.reshape(y.shape[0], *self._token_shape)
         log_det = h.new_zeros(h.shape[0])
         for block in self.blocks:
@@ -223,7 +255,7 @@ class TarFlow(nn.Module):
         return h.reshape(y.shape), log_det
 
     def normalised_inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prior sample ``z`` ``[B, N, 3]`` -> ``(y, log|det dy/dz|)``."""
+        """Prior sample ``z`` ``[B, ...]`` -> ``(features y, log|det dy/dz|)``."""
         h = z.reshape(z.shape[0], *self._token_shape)
         log_det = h.new_zeros(h.shape[0])
         for block in reversed(self.blocks):
@@ -232,20 +264,32 @@ class TarFlow(nn.Module):
         return h.reshape(z.shape), log_det
 
     def nll_per_dim(self, y: torch.Tensor) -> torch.Tensor:
-        """Training loss: ``-log q(y) / 3N`` ``[B]`` for normalised configurations ``y``."""
+        """Training loss: ``-log q(y) / dim`` ``[B]`` for features ``y`` (normalised units)."""
         z, log_det = self.normalised_forward(y)
         return -(_standard_normal_log_prob(z) + log_det) / self.dim
 
     # -------------------------------------------------------------- nm space
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions ``x`` ``[B, N, 3]`` (nm) -> ``(z, log|det dz/dx|)``; ``z`` is N(0, I) under the flow."""
-        z, log_det = self.normalised_forward(self._check(x) / self.std)
-        return z, log_det - self.dim * math.log(self.std)
+        """Positions ``x`` ``[B, N, 3]`` (nm) -> ``(z, log_det)`` with ``log q(x) = log N(z; 0, I) + log_det``.
 
-    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent ``z`` ``[B, N, 3]`` -> ``(x in nm, log|det dx/dz|)``."""
-        y, log_det = self.normalised_inverse(self._check(z))
-        return y * self.std, log_det + self.dim * math.log(self.std)
+        For the Cartesian representation ``z`` is ``[B, N, 3]`` and ``log_det = log|det dz/dx|``;
+        for internal coordinates ``z`` is ``[B, N - 2, 3]`` and ``log_det`` also holds the
+        analytic rigid-body density and the Z-matrix volume element.
+        """
+        features, representation_log_det = self.representation.features(self._check(x))
+        z, log_det = self.normalised_forward(features)
+        return z, log_det + representation_log_det
+
+    def inverse(self, z: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent ``z`` (shaped as :meth:`forward` returns it) -> ``(x in nm, log_det)``, ``log q(x) = log N(z) - log_det``.
+
+        ``rigid`` ``[B, 7]`` are the normal numbers that place an internal-coordinate sample
+        in space (orientation and centre); a Cartesian flow takes none.
+        """
+        param = self._param()
+        features, log_det = self.normalised_inverse(z.to(dtype=param.dtype, device=param.device))
+        x, representation_log_det = self.representation.positions(features, rigid)
+        return x, log_det - representation_log_det
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log q(x)`` ``[B]`` of positions ``[B, N, 3]`` in nm (density per nm^3N).
@@ -260,6 +304,23 @@ class TarFlow(nn.Module):
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """Proposal energy ``-log q(x)`` ``[B]`` in the dtype of ``x``; differentiable in ``x``."""
         return -self.log_prob(x).to(x.dtype)
+
+    def draw_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[n, latent_dim]`` standard normal numbers: everything random about ``n`` samples.
+
+        :meth:`from_latents` turns any rows of them into samples, so a caller can draw the
+        noise of a whole batch and invert only its own rows (the sharded sampler does).
+        """
+        param = self._param()
+        return torch.randn(int(n), self.latent_dim, generator=generator, dtype=param.dtype, device=param.device)
+
+    @torch.no_grad()
+    def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of :meth:`draw_latents` -> ``(x [B, N, 3] nm, log q(x) [B])``."""
+        z = latents[:, : self.dim].reshape(len(latents), *self.representation.feature_shape)
+        rigid = latents[:, self.dim :] if self.representation.n_rigid else None
+        x, log_det = self.inverse(z, rigid)
+        return x, _standard_normal_log_prob(z) - log_det
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,11 +347,9 @@ class TarFlow(nn.Module):
         param = self._param()
         xs, log_qs = [], []
         for start in range(0, int(n), batch_size):
-            count = min(batch_size, int(n) - start)
-            z = torch.randn(count, self.n_atoms, 3, generator=generator, dtype=param.dtype, device=param.device)
-            x, log_det = self.inverse(z)
+            x, log_q = self.from_latents(self.draw_latents(min(batch_size, int(n) - start), generator))
             xs.append(x)
-            log_qs.append(_standard_normal_log_prob(z) - log_det)
+            log_qs.append(log_q)
         if not xs:
             return param.new_empty(0, self.n_atoms, 3), param.new_empty(0)
         return torch.cat(xs), torch.cat(log_qs)
@@ -332,11 +391,15 @@ class TarFlow(nn.Module):
             if identity is None:
                 raise ValueError(f"flow checkpoint {source} stores no target, so it cannot be checked against one")
             checkpoint.check_target(identity, target, source)
-        flow = cls(payload["config"], payload["n_atoms"], std=payload["std"])
+        weights = payload["state_dict"]
+        zmatrix = None
+        if "representation.root" in weights:
+            zmatrix = ZMatrix(tuple(weights["representation.root"].tolist()), weights["representation.placed"].numpy())
+        flow = cls(payload["config"], payload["n_atoms"], std=payload["std"], zmatrix=zmatrix)
         flow.target_identity = identity
         flow.metadata = dict(payload["metadata"])
         try:
-            flow.load_state_dict(payload["state_dict"])
+            flow.load_state_dict(weights)
         except RuntimeError as err:
             raise ValueError(f"flow checkpoint {source} does not match its own configuration: {err}") from None
         return flow.eval()
@@ -348,15 +411,19 @@ class TarFlow(nn.Module):
         Parameters
         ----------
         path
-            Checkpoint file.
+            Checkpoint file, or the name of a shipped model (``"ad2"``; see
+            :func:`openmm_sbg.shipped.model_names`).
         target
             Optional :class:`~openmm_sbg.BoltzmannTarget`; a checkpoint for another molecule
             (different atoms, elements, residue or atom names) raises ValueError naming both.
         map_location
             Device for the weights.
         """
+        from openmm_sbg.shipped import flow_path
+
+        path = flow_path(path)
         payload = checkpoint.read_checkpoint(path)
-        return cls.from_payload(payload, repr(os.fspath(path)), target).to(map_location)
+        return cls.from_payload(payload, repr(path), target).to(map_location)
 
     def extra_repr(self) -> str:
         return f"n_atoms={self.n_atoms}, std={self.std:.4g} nm, config={self.config}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 TOKEN_LAYOUTS = ("atom", "coordinate")
+REPRESENTATIONS = ("cartesian", "internal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +23,15 @@ class FlowConfig:
     heads
         Attention heads (the paper uses a head dimension of 64, i.e. ``width // 64``).
     tokens
-        ``"atom"``: one token per atom with 3 channels; ``"coordinate"``: one token per
-        Cartesian coordinate with 1 channel (3x longer sequences, finer autoregression).
+        ``"atom"``: one token per atom with 3 channels (for ``internal``, per placed atom:
+        bond, angle, dihedral); ``"coordinate"``: one token per coordinate with 1 channel
+        (3x longer sequences, finer autoregression).
     mlp_ratio
         Hidden size of each transformer MLP, as a multiple of ``width``.
+    representation
+        ``"cartesian"`` (the paper's: centred, scaled positions) or ``"internal"`` (Z-matrix
+        bonds, angles and dihedrals; the rigid-body motion analytic); see
+        :mod:`openmm_sbg.flow.representations`.
     """
 
     width: int = 256
@@ -34,10 +40,13 @@ class FlowConfig:
     heads: int = 4
     tokens: str = "atom"
     mlp_ratio: int = 4
+    representation: str = "cartesian"
 
     def __post_init__(self):
         if self.tokens not in TOKEN_LAYOUTS:
             raise ValueError(f"tokens must be one of {TOKEN_LAYOUTS}, got {self.tokens!r}")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         for field in ("width", "n_blocks", "layers_per_block", "heads", "mlp_ratio"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)!r}")
@@ -58,19 +67,20 @@ class FlowConfig:
         return cls(**values)
 
 
-# Paper sizes (Tan et al. 2025, DESIGN.md): AD2 uses one token per Cartesian coordinate.
-# The "-small" presets keep the paper's head dimension of 64 and are sized for CPU training:
-# ad2-small trained in 13 minutes on two shared cores (openmm_sbg/models/README.md) and is
-# the shipped model; al3-small and al4-small are wider for their larger molecules.
+# Paper sizes (Tan et al. 2025, DESIGN.md), Cartesian as in the paper, for GPUs: AD2 uses one
+# token per Cartesian coordinate. The "-small" presets keep the paper's head dimension of 64,
+# are sized for CPU training and model internal coordinates, which a CPU learns in minutes
+# (the first shipped ad2-small model is Cartesian; its checkpoint records that).
 PRESETS: dict[str, FlowConfig] = {
     "ad2": FlowConfig(width=256, n_blocks=4, layers_per_block=4, heads=4, tokens="coordinate"),
     "al3": FlowConfig(width=256, n_blocks=6, layers_per_block=6, heads=4),
     "al4": FlowConfig(width=256, n_blocks=6, layers_per_block=6, heads=4),
     "al6": FlowConfig(width=384, n_blocks=6, layers_per_block=6, heads=6),
     "chignolin": FlowConfig(width=384, n_blocks=8, layers_per_block=8, heads=6),
-    "ad2-small": FlowConfig(width=64, n_blocks=4, layers_per_block=2, heads=1),
-    "al3-small": FlowConfig(width=128, n_blocks=4, layers_per_block=2, heads=2),
-    "al4-small": FlowConfig(width=128, n_blocks=4, layers_per_block=2, heads=2),
+    "ad2-small": FlowConfig(width=64, n_blocks=4, layers_per_block=2, heads=1, representation="internal"),
+    "al3-small": FlowConfig(width=128, n_blocks=4, layers_per_block=2, heads=2, representation="internal"),
+    "al4-small": FlowConfig(width=128, n_blocks=4, layers_per_block=2, heads=2, representation="internal"),
+    "al6-small": FlowConfig(width=128, n_blocks=6, layers_per_block=2, heads=2, representation="internal"),
 }
 
 

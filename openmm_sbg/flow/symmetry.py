@@ -38,7 +38,11 @@ def random_rotations(
     A normalised 4-D Gaussian is a uniform unit quaternion, and unit quaternions cover SO(3)
     twice with equal weight, so the rotations they give are uniform.
     """
-    q = torch.randn(n, 4, generator=generator, dtype=dtype, device=device)
+    return random_rotations_from_normal(torch.randn(n, 4, generator=generator, dtype=dtype, device=device))
+
+
+def random_rotations_from_normal(q: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices ``[n, 3, 3]`` from standard normal 4-vectors ``[n, 4]`` (see :func:`random_rotations`)."""
     w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)
     return torch.stack(
         [
@@ -47,7 +51,7 @@ def random_rotations(
             2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
         ],
         dim=-1,
-    ).reshape(n, 3, 3)
+    ).reshape(-1, 3, 3)
 
 
 def augment(y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from openmm_sbg.flow import checkpoint
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
-from openmm_sbg.flow.symmetry import augment, centred_std, remove_com
+from openmm_sbg.flow.symmetry import centred_std
 
 # Kinds of random stream, combined with the seed and an index into one generator seed.
 _BATCH_ORDER, _AUGMENT, _VALIDATION, _INIT = range(4)
@@ -174,12 +174,16 @@ def train(
     if len(train_positions) < 1:
         raise ValueError("no training frames left after holding out validation frames; pass more data")
 
+    if config.representation == "internal" and target is None:
+        raise ValueError("an internal-coordinate flow builds its Z-matrix from the molecule's bonds; pass target=")
+
     data_sha1 = _fingerprint(train_positions, val_positions)
     std = centred_std(train_positions)
     with torch.random.fork_rng(devices=[]):
         # Seed the initial weights without touching the caller's global RNG.
         torch.manual_seed(_seed(options.seed, _INIT, 0))
         flow = TarFlow(config, n_atoms, target=target, std=std)
+    flow.representation.fit(torch.as_tensor(train_positions))
     flow.to(device)
     ema = copy.deepcopy(flow).requires_grad_(False)
     optimizer = torch.optim.AdamW(
@@ -193,9 +197,9 @@ def train(
         if progress:
             tqdm.write(f"resuming {os.fspath(checkpoint_path)!r} from step {step}")
 
-    # Normalise once: centre each frame and divide by the scalar std, in float64 for accuracy.
-    y_train = _normalise(train_positions, std, flow)
-    y_val = _normalise(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], std, flow)
+    # The representation's features, computed once in float64 for accuracy.
+    y_train = _features(train_positions, flow)
+    y_val = _features(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
     batch_size = min(options.batch_size, len(y_train))
     steps_per_epoch = max(1, len(y_train) // batch_size)
     total_steps = options.steps or options.epochs * steps_per_epoch
@@ -232,7 +236,7 @@ def train(
             epoch, index = divmod(step, steps_per_epoch)
             order = torch.randperm(len(y_train), generator=_generator(options.seed, _BATCH_ORDER, epoch))
             batch = y_train[order[index * batch_size : (index + 1) * batch_size].to(y_train.device)]
-            y = augment(batch, _generator(options.seed, _AUGMENT, step, device=y_train.device))
+            y = flow.representation.augment(batch, _generator(options.seed, _AUGMENT, step, device=y_train.device))
             if parallel is not None:
                 # Augment the whole batch first so each process sees the rows a single process would.
                 y = parallel.shard(y)
@@ -286,9 +290,9 @@ def _as_frames(positions, name: str) -> np.ndarray:
     return array
 
 
-def _normalise(positions: np.ndarray, std: float, flow: TarFlow) -> torch.Tensor:
+def _features(positions: np.ndarray, flow: TarFlow) -> torch.Tensor:
     param = next(flow.parameters())
-    y = remove_com(torch.as_tensor(positions, dtype=torch.float64)) / std
+    y = flow.representation.training_features(torch.as_tensor(positions, dtype=torch.float64))
     return y.to(dtype=param.dtype, device=param.device)
 
 
@@ -327,7 +331,7 @@ def _validate(flow: TarFlow, y_val: torch.Tensor, seed: int, batch_size: int = 1
     generator = _generator(seed, _VALIDATION, 0, device=y_val.device)
     total = 0.0
     for start in range(0, len(y_val), batch_size):
-        total += flow.nll_per_dim(augment(y_val[start : start + batch_size], generator)).sum().item()
+        total += flow.nll_per_dim(flow.representation.augment(y_val[start : start + batch_size], generator)).sum().item()
     return total / len(y_val)
 
 

@@ -28,6 +28,7 @@ import torch
 from openmm import unit
 
 from openmm_sbg.flow import TarFlow
+from openmm_sbg.shipped import flow_path
 from openmm_sbg.smc.proposal import module_dtype_device, source_energy
 from openmm_sbg.target import as_temperature
 
@@ -62,7 +63,7 @@ def resolve_flow(flow: TarFlow | str | os.PathLike) -> tuple[TarFlow, str]:
             flow.save(path)
         return flow.eval(), path
     if isinstance(flow, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(flow))
+        path = os.path.abspath(flow_path(flow))
         return load_shared(path), path
     raise TypeError(f"flow must be a TarFlow or the path of its checkpoint, got {type(flow).__name__}")
 
