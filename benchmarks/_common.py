@@ -65,15 +65,10 @@ def load_json(name: str) -> dict:
 
 
 def default_flow() -> str:
-    """The shipped ad2-small flow (falls back to the latest training checkpoint in runs/)."""
-    try:
-        from openmm_sbg import shipped
+    """The shipped ad2 flow."""
+    from openmm_sbg import shipped
 
-        return shipped.model_path("ad2-small")
-    except FileNotFoundError:
-        fallback = ROOT / "runs" / "ad2-small.pt"
-        print(f"no shipped ad2-small model; using {fallback}", flush=True)
-        return str(fallback)
+    return shipped.model_path("ad2")
 
 
 # ------------------------------------------------------------------- reference and basins

@@ -11,7 +11,7 @@ Compares, on this machine and in one run:
 - (c) SBG SMC with the paper's linear schedule and unadjusted Langevin (ULA);
 - (d) SBG SMC with the adaptive schedule and MALA;
 
-each with the trained flow (the shipped ``ad2-small`` model by default). Flow training time
+each with the trained flow (the shipped ``ad2`` model by default). Flow training time
 is read from the checkpoint's metadata and reported separately, not added to the curves.
 SBG wall-clock is the whole ``SMCSampler.run`` (drawing proposals, energies, annealing).
 
@@ -391,7 +391,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", default=str(ROOT / "runs" / "ad2-ref.h5"), help="long reference MD (openmm-sbg md file)")
     parser.add_argument("--long-md", default=str(ROOT / "runs" / "ad2-md.h5"), help="a longer MD run for the MD curve beyond --md-ns ('' to skip)")
-    parser.add_argument("--flow", default=None, help="trained flow (default: the shipped ad2-small)")
+    parser.add_argument("--flow", default=None, help="trained flow (default: the shipped ad2)")
     parser.add_argument("--md-ns", type=float, default=1.0, help="length of the fresh MD run (ns)")
     parser.add_argument("--md-seed", type=int, default=3)
     parser.add_argument("--max-samples", type=int, default=2000, help="T-W2 subsample size (exact EMD cost grows as its square)")

@@ -1,7 +1,10 @@
 """Runs shared by tests/test_distributed.py (one process) and tests/distributed_worker.py (two)."""
 
+import dataclasses
+
 import numpy as np
 import torch
+from openmm import app
 
 from openmm_sbg.flow import FlowConfig, TarFlow, TrainOptions
 from openmm_sbg.smc import GaussianProposal
@@ -12,8 +15,9 @@ SMC_SEED = 3
 
 #: name -> what it exercises: uneven slices, clipping, resampling and a checkpoint; MALA with
 #: step-size adaptation, the adaptive schedule and multinomial resampling; importance
-#: sampling; a TarFlow proposal drawn in several batches that straddle the slices.
-SMC_SCENARIOS = ("ula", "mala_adaptive", "importance", "tarflow")
+#: sampling; a TarFlow proposal drawn in several batches that straddle the slices, over
+#: Cartesian and over internal coordinates (whose samples also draw their rigid-body noise).
+SMC_SCENARIOS = ("ula", "mala_adaptive", "importance", "tarflow", "internal_tarflow")
 
 
 def ddp_options() -> TrainOptions:
@@ -36,12 +40,26 @@ def smc_scenario(name: str):
         return DoubleWellTarget(dims=1), GaussianProposal(torch.zeros(1, 3), 1.3), kwargs
     if name == "importance":
         return DoubleWellTarget(dims=2), GaussianProposal(torch.zeros(1, 3), 1.3), dict(n_particles=50, n_steps=0)
-    if name == "tarflow":
+    if name in ("tarflow", "internal_tarflow"):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            flow = TarFlow(DDP_CONFIG, n_atoms=2, std=0.5).double()
+            if name == "tarflow":
+                flow = TarFlow(DDP_CONFIG, n_atoms=2, std=0.5)
+            else:
+                flow = TarFlow(dataclasses.replace(DDP_CONFIG, representation="internal"), topology=_chain(4), std=0.5)
+            flow = flow.double()
             for parameter in flow.parameters():  # leave the identity initialisation
                 parameter.data.add_(0.05 * torch.randn_like(parameter))
         kwargs = dict(n_particles=30, n_steps=4, step_size=1e-3, batch_size=8, com_adjustment="none")
-        return GaussianTarget(torch.zeros(2, 3), 0.4), flow, kwargs
+        return GaussianTarget(torch.zeros(flow.n_atoms, 3), 0.4), flow, kwargs
     raise ValueError(name)
+
+
+def _chain(n_atoms: int) -> app.Topology:
+    """A topology of ``n_atoms`` carbons bonded in a chain."""
+    topology = app.Topology()
+    residue = topology.addResidue("CHN", topology.addChain())
+    atoms = [topology.addAtom(f"C{i}", app.element.carbon, residue) for i in range(n_atoms)]
+    for a, b in zip(atoms, atoms[1:]):
+        topology.addBond(a, b)
+    return topology

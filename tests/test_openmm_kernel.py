@@ -55,7 +55,7 @@ def test_kernel_refuses_a_path_other_than_the_samplers(ad2, tmp_path):
 )
 def test_openmm_kernel_agrees_with_batched_kernel_on_ad2():
     """Same seed and schedule (so the same proposals), moves by OpenMM Langevin vs batched MALA."""
-    path = shipped.model_path("ad2-small")
+    path = shipped.model_path("ad2-cartesian")
     from openmm_sbg import systems
 
     target = systems.get("ad2")

@@ -33,6 +33,25 @@ def test_short_training_lowers_validation_nll(ad2):
     assert flow.std == pytest.approx(float(np.std(frames[:320] - frames[:320].mean(1, keepdims=True))), rel=1e-4)
 
 
+@pytest.mark.parametrize("select_best", [True, False])
+def test_result_holds_the_best_or_the_last_validated_weights(ad2, select_best):
+    """Eight training frames overfit at once, so validation gets worse: only select_best keeps the earlier weights."""
+    from openmm_sbg.flow.training import _features, _validate
+
+    frames = thermal_frames(ad2, 108)
+    options = TrainOptions(steps=12, batch_size=8, lr=1e-2, warmup=0.0, ema_decay=0.5, seed=0, select_best=select_best)
+    config = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=1, representation="internal")
+    flow = train(frames[:8], frames[8:], target=ad2, config=config, options=options, progress=False)
+    history = flow.metadata["history"]
+    best = min(history, key=lambda entry: entry["val_nll_per_dim"])
+    assert best["step"] < 12, "the test needs a run whose last epoch is not its best"
+    chosen = best if select_best else history[-1]
+    assert flow.metadata["selected_step"] == chosen["step"]
+    assert flow.metadata["val_nll_per_dim"] == chosen["val_nll_per_dim"]
+    # The weights returned are the ones that scored that validation NLL.
+    assert _validate(flow, _features(frames[8:], flow), options.seed) == pytest.approx(chosen["val_nll_per_dim"], abs=1e-6)
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ad2):
     frames = thermal_frames(ad2, 120)
     options = TrainOptions(steps=10, batch_size=32, lr=1e-3)  # 3 steps per epoch

@@ -21,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-particles", type=int, default=1000, help="proposals drawn / particles kept (default 1000)")
     parser.add_argument("--n-steps", type=int, default=100, help="annealing steps (the most, for --schedule adaptive); 0 = importance sampling (default 100)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kernel", choices=["ula", "mala"], default="ula", help="Langevin move: unadjusted (paper) or Metropolis-adjusted")
+    parser.add_argument(
+        "--kernel", choices=["ula", "mala"], default="mala",
+        help="Langevin move: Metropolis-adjusted with step-size adaptation (default; exact for any step) or "
+        "unadjusted (the paper's, biased when the flow is as stiff as the force field, as internal-coordinate flows are)",
+    )
     parser.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE, help=f"Langevin step size in nm^2 (default {DEFAULT_STEP_SIZE:g})")
     parser.add_argument("--n-mcmc-steps", type=int, default=1, help="Langevin moves per annealing step")
     parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear")

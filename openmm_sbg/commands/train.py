@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--val-frames", type=int, default=defaults.val_frames, help="held-out frames scored per epoch")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--keep-last", action="store_true",
+        help="save the last EMA weights instead of those of the epoch with the lowest validation NLL",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> dict:
         ema_decay=args.ema_decay,
         seed=args.seed,
         val_frames=args.val_frames,
+        select_best=not args.keep_last,
     )
     flow = train_function(
         train_positions,
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> dict:
         "train_seconds": round(record["train_seconds"], 1),
         "initial_val_nll_per_dim": record["history"][0]["val_nll_per_dim"],
         "val_nll_per_dim": record["val_nll_per_dim"],
+        "selected_step": record["selected_step"],
         "std_nm": flow.std,
         "com_std_nm": flow.com_std,
     }

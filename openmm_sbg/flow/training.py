@@ -3,7 +3,8 @@
 Recipe (Tan et al. 2025): loss NLL / 3N on centred, scaled, randomly rotated configurations
 with CoM noise; AdamW with betas (0.9, 0.95) and weight decay 4e-4; one-cycle learning rate
 with 5% warm-up; batch 512; gradient clipping at 1.0; EMA of the weights (decay 0.999),
-which is what gets validated and saved.
+which is what gets validated and saved; by default the EMA weights of the epoch with the
+lowest validation NLL are the result (``TrainOptions.select_best``).
 
 Every random choice of step ``t`` (its batch, rotations and noise) is drawn from a generator
 seeded by ``(seed, t)``, so a run resumed from a checkpoint continues exactly as if it had
@@ -60,6 +61,10 @@ class TrainOptions:
         Seeds the initial weights and every batch, rotation and noise draw.
     val_frames
         At most this many held-out frames (evenly spaced) are scored after each epoch.
+    select_best
+        Return (and save at the end) the EMA weights of the epoch with the lowest validation
+        NLL, not the last ones: on a CPU budget the flow fits its training frames' noise
+        before the schedule ends (early stopping without losing the run's record).
     """
 
     epochs: int = 100
@@ -73,6 +78,7 @@ class TrainOptions:
     ema_decay: float = 0.999
     seed: int = 0
     val_frames: int = 2048
+    select_best: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -157,7 +163,8 @@ def train(
     Returns
     -------
     TarFlow
-        The EMA weights, in eval mode on ``device``; ``flow.metadata`` holds the training record.
+        The EMA weights (of the best validation epoch with ``options.select_best``), in eval
+        mode on ``device``; ``flow.metadata`` holds the training record.
     """
     options = options or TrainOptions()
     config = resolve_config(config)
@@ -191,9 +198,9 @@ def train(
     )
     run_key = {"config": config.to_dict(), "options": options.to_dict(), "data_sha1": data_sha1, "n_atoms": n_atoms}
 
-    step, seconds, history = 0, 0.0, []
+    step, seconds, history, best_weights = 0, 0.0, [], None
     if checkpoint_path is not None and os.path.exists(checkpoint_path) and not overwrite:
-        step, seconds, history = _resume(checkpoint_path, run_key, flow, ema, optimizer)
+        step, seconds, history, best_weights = _resume(checkpoint_path, run_key, flow, ema, optimizer)
         if progress:
             tqdm.write(f"resuming {os.fspath(checkpoint_path)!r} from step {step}")
 
@@ -205,9 +212,12 @@ def train(
     total_steps = options.steps or options.epochs * steps_per_epoch
 
     def save(complete: bool) -> None:
+        selected = min(history, key=lambda entry: entry["val_nll_per_dim"]) if options.select_best else history[-1]
+        if complete and options.select_best:
+            ema.load_state_dict(best_weights)
         ema.metadata = {
             **(metadata or {}),
-            **_record(options, history, seconds, step, steps_per_epoch, len(y_train), len(y_val), data_sha1),
+            **_record(options, history, selected, seconds, step, steps_per_epoch, len(y_train), len(y_val), data_sha1),
             "complete": complete,
         }
         if checkpoint_path is None or (parallel is not None and not parallel.writes_checkpoints):
@@ -219,13 +229,15 @@ def train(
                 "step": step,
                 "seconds": seconds,
                 "history": history,
-                "model": {key: value.detach().cpu().clone() for key, value in flow.state_dict().items()},
+                "best_weights": best_weights,
+                "model": _cpu_copy(flow),
                 "optimizer": optimizer.state_dict(),
             }
         checkpoint.write_checkpoint(checkpoint_path, payload)
 
     if step == 0:
         history.append({"epoch": 0, "step": 0, "val_nll_per_dim": _validate(ema, y_val, options.seed), "seconds": 0.0})
+        best_weights = _cpu_copy(ema)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     epoch_losses: list[float] = []
     started = time.perf_counter() - seconds
@@ -274,6 +286,8 @@ def train(
                     }
                 )
                 epoch_losses = []
+                if history[-1]["val_nll_per_dim"] < min(entry["val_nll_per_dim"] for entry in history[:-1]):
+                    best_weights = _cpu_copy(ema)
                 save(complete=step == total_steps)
     finally:
         bar.close()
@@ -335,16 +349,21 @@ def _validate(flow: TarFlow, y_val: torch.Tensor, seed: int, batch_size: int = 1
     return total / len(y_val)
 
 
-def _record(options, history, seconds, step, steps_per_epoch, n_train, n_val, data_sha1) -> dict:
+def _cpu_copy(module: torch.nn.Module) -> dict:
+    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+
+def _record(options, history, selected, seconds, step, steps_per_epoch, n_train, n_val, data_sha1) -> dict:
+    """The training record; ``selected`` is the history entry whose weights the flow holds."""
     import openmm_sbg
 
-    last = history[-1]
     return {
         "steps": step,
         "epochs": step / steps_per_epoch,
         "train_seconds": seconds,
-        "val_nll_per_dim": last["val_nll_per_dim"],
-        "train_nll_per_dim": last.get("train_nll_per_dim"),
+        "selected_step": selected["step"],
+        "val_nll_per_dim": selected["val_nll_per_dim"],
+        "train_nll_per_dim": selected.get("train_nll_per_dim"),
         "n_train": n_train,
         "n_val": n_val,
         "data_sha1": data_sha1,
@@ -356,7 +375,7 @@ def _record(options, history, seconds, step, steps_per_epoch, n_train, n_val, da
     }
 
 
-def _resume(path, run_key: dict, flow: TarFlow, ema: TarFlow, optimizer) -> tuple[int, float, list]:
+def _resume(path, run_key: dict, flow: TarFlow, ema: TarFlow, optimizer) -> tuple[int, float, list, dict]:
     """Restore an unfinished run from ``path``; refuse a finished or different one."""
     payload = checkpoint.read_checkpoint(path)
     state = payload.get("training_state")
@@ -374,4 +393,4 @@ def _resume(path, run_key: dict, flow: TarFlow, ema: TarFlow, optimizer) -> tupl
     flow.load_state_dict(state["model"])
     ema.load_state_dict(payload["state_dict"])
     optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
-    return state["step"], state["seconds"], list(state["history"])
+    return state["step"], state["seconds"], list(state["history"]), state["best_weights"]
