@@ -7,6 +7,13 @@ that needs only OpenMM does not pay for torch model code.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use
+    from openmm_sbg import data, metrics, shipped, systems
+    from openmm_sbg.flow import TarFlow
+    from openmm_sbg.smc import SMCResult, SMCSampler
+    from openmm_sbg.target import BoltzmannTarget
 
 __version__ = "0.1.0"
 
@@ -30,3 +37,7 @@ def __getattr__(name: str):
     module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
     return module if attribute is None else getattr(module, attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

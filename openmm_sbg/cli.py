@@ -2,7 +2,8 @@
 
 Each subcommand lives in ``openmm_sbg/commands/<name>.py`` and defines ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> dict``; the dict is the run's JSON summary,
-printed and, with ``--summary PATH``, written to a file. Modules are imported only when
+printed and, with ``--summary PATH``, written to a file. A resumable subcommand also defines
+``progress_path(args) -> str``, named in the one-line message that Ctrl-C prints. Modules are imported only when
 their subcommand runs, so ``openmm-sbg --help`` is fast.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 
 from openmm_sbg import __version__
@@ -55,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         # Errors raised by openmm-sbg name their fix; a traceback would bury it.
         print(f"openmm-sbg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        saved_in = getattr(args._module, "progress_path", None)
+        if saved_in is None:
+            print(f"openmm-sbg {args.command}: interrupted", file=sys.stderr)
+        else:
+            print(
+                f"openmm-sbg {args.command}: interrupted; its last checkpoint is in {saved_in(args)}. "
+                f"Run the same command to resume: openmm-sbg {shlex.join(argv)}",
+                file=sys.stderr,
+            )
+        return 130
     text = json.dumps(summary, indent=2, default=str)
     print(text)
     if args.summary:

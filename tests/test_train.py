@@ -122,3 +122,17 @@ def test_cli_train_writes_flow_and_summary(tmp_path, ad2, capsys):
     # Rerunning the finished command is refused with a clear message, not retrained.
     assert cli.main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    from openmm_sbg.commands import train as train_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "run", interrupted)
+    argv = ["train", "ad2", "--data", "md.h5", "--out", str(tmp_path / "flow.pt")]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "flow.pt") in err and "openmm-sbg train ad2 --data md.h5" in err

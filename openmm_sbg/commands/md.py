@@ -43,3 +43,8 @@ def run(args: argparse.Namespace) -> dict:
         split_fractions=tuple(args.split),
     )
     return run_md(target, args.out, config, platform=args.platform, progress=not args.no_progress)
+
+
+def progress_path(args: argparse.Namespace) -> str:
+    """Where an interrupted run keeps its frames and OpenMM checkpoint."""
+    return f"{args.out}.work/"

@@ -131,3 +131,8 @@ def sample(target, flow, out: str, seed: int = 0, restart: bool = False, **optio
     if result.topology is not None:
         summary["wrong_chirality_fraction"] = metrics.wrong_chirality_fraction(result.to_mdtraj(), result.weights)
     return summary
+
+
+def progress_path(args: argparse.Namespace) -> str:
+    """The checkpoint an interrupted run resumes from."""
+    return args.out + ".ckpt"

@@ -136,3 +136,8 @@ def _training_frames(paths: list[str], target):
             train_parts.append(frames[:-n_val])
             val_parts.append(frames[-n_val:])
     return np.concatenate(train_parts), np.concatenate(val_parts), "each file's val split (or last 10% of frames)"
+
+
+def progress_path(args: argparse.Namespace) -> str:
+    """The checkpoint an interrupted run resumes from (written after every epoch)."""
+    return args.out
