@@ -22,6 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                         help="fractions of contiguous time blocks (default 0.8 0.1 0.1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exchange = parser.add_argument_group(
+        "temperature replica exchange (openmmtools), for data that covers basins plain MD does not reach"
+    )
+    exchange.add_argument("--replica-exchange", action="store_true",
+                          help="run replicas on a geometric temperature ladder; OUT holds the lowest (target) temperature's frames")
+    exchange.add_argument("--t-max", type=float, default=600.0, help="highest temperature of the ladder, K (default 600)")
+    exchange.add_argument("--n-replicas", type=int, default=8, help="temperatures in the ladder (default 8)")
+    exchange.add_argument("--all-replicas", action="store_true", help="also write every replica's frames and temperatures (OUT-all-replicas.npz)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -42,7 +50,31 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         split_fractions=tuple(args.split),
     )
+    if args.replica_exchange:
+        return _run_replica_exchange(args, target, config)
     return run_md(target, args.out, config, platform=args.platform, progress=not args.no_progress)
+
+
+def _run_replica_exchange(args: argparse.Namespace, target, config) -> dict:
+    from openmm import unit
+
+    from openmm_sbg.replica_exchange import ReplicaExchangeConfig, geometric_ladder, run_replica_exchange
+
+    ladder = geometric_ladder(target.temperature.value_in_unit(unit.kelvin), args.t_max, args.n_replicas)
+    exchange = ReplicaExchangeConfig(
+        n_frames=config.n_frames,
+        temperatures_K=ladder,
+        steps_per_iteration=config.steps_per_frame,
+        timestep_fs=config.timestep_fs,
+        friction_per_ps=config.friction_per_ps,
+        equilibration_iterations=max(1, round(config.equilibration_steps / config.steps_per_frame)),
+        seed=config.seed,
+        split_fractions=config.split_fractions,
+    )
+    return run_replica_exchange(
+        target, args.out, exchange, platform=args.platform or "Reference", all_replicas=args.all_replicas,
+        progress=not args.no_progress,
+    )
 
 
 def progress_path(args: argparse.Namespace) -> str:
