@@ -15,7 +15,7 @@ each with the trained flow (the shipped ``ad2`` model by default). Flow training
 is read from the checkpoint's metadata and reported separately, not added to the curves.
 SBG wall-clock is the whole ``SMCSampler.run`` (drawing proposals, energies, annealing).
 
-The reference is an independent MD run (``--reference``, default ``runs/ad2-ref.h5``, all
+The reference is an independent MD run (``--reference``, default the shipped ``ad2-ref.h5``, all
 frames); its first half against its second half gives the noise floor of each metric.
 T-W2 subsamples both sets to ``--max-samples`` (by weight) for the exact EMD, for every
 method alike.
@@ -166,11 +166,20 @@ def run_md_curve(target, scorer: Scorer, ns: float, platform: str, seed: int, lo
         points.append(point)
         print(f"  MD {point['ns']:.3f} ns, {point['seconds']:.1f} s: E-W2 {point['energy_w2']:.3f}, T-W2 {point['torus_w2']:.3f}", flush=True)
     if long_md and os.path.exists(long_md):
+        from openmm_sbg import data
+
         long_angles, long_energies = dihedrals_and_energies(long_md)
+        # The longer run may save frames at another interval: convert through simulated time.
+        frame_ns = float(data.load_trajectory(long_md)[:2].timestep) * 1e-3
         for n in prefix_lengths(len(long_energies)):
-            if n <= len(energies):
+            if n * frame_ns <= summary["simulated_ns"]:
                 continue
-            point = {"source": os.path.relpath(long_md, ROOT), "frames": n, "ns": n * 5e-4, "seconds": overhead + n * per_frame}
+            point = {
+                "source": os.path.relpath(long_md, ROOT),
+                "frames": n,
+                "ns": n * frame_ns,
+                "seconds": overhead + n * frame_ns / 5e-4 * per_frame,
+            }
             point.update(scorer.score(long_angles[:n], long_energies[:n]))
             points.append(point)
             print(f"  MD* {point['ns']:.3f} ns, {point['seconds']:.1f} s: E-W2 {point['energy_w2']:.3f}, T-W2 {point['torus_w2']:.3f}", flush=True)
@@ -307,7 +316,7 @@ def report(results: dict) -> str:
         f"Machine: {results['machine']}.",
         "",
         f"Command: `{results['command']}` ({results['wall_minutes']:.0f} min in all). Reference: `{results['reference']}` "
-        f"({results['reference_frames']} frames, {results['reference_frames'] * 5e-4:.0f} ns, independent of the training data); "
+        f"({results['reference_frames']} frames, {results.get('reference_ns', results['reference_frames'] * 5e-4):.0f} ns, independent of the training data); "
         f"T-W2 subsamples each set to {results['max_samples']} by weight. Flow: `{results['flow']}` "
         f"(preset {results['flow_preset']}, {results['train_steps']} training steps, val NLL/dim {results['val_nll']:.3f}); its "
         f"training took {results['train_seconds'] / 60:.0f} min as recorded in the checkpoint, not counted below.",
@@ -322,7 +331,7 @@ def report(results: dict) -> str:
         + f"; chosen: {md['platform']}. The fresh MD run (seed {md['seed']}) simulated {md['simulated_ns']:.1f} ns in "
         f"{md['total_seconds']:.0f} s ({md['ns_per_day']:.0f} ns/day in its stepping loop; {md['overhead_seconds']:.1f} s of "
         "minimisation, equilibration and file writing counted at the start). Points beyond it are prefixes of "
-        f"`{os.path.relpath(md['long_md'], ROOT) if md['long_md'] else None}` (an earlier run with the same settings, seed 1, the flow's training data) at the fresh run's cost per frame.",
+        f"`{os.path.relpath(md['long_md'], ROOT) if md['long_md'] else None}` (an earlier `openmm-sbg md` run of the same system, part of the flow's training data) at the fresh run's cost per simulated ps.",
         "",
         "![E-W2 vs wall-clock](plots/time_to_quality_energy_w2.png) ![T-W2 vs wall-clock](plots/time_to_quality_torus_w2.png)",
         "",
@@ -369,7 +378,7 @@ def independent_floor(results: dict) -> str:
         return ""
     last = max(longer, key=lambda p: p["frames"])
     return (
-        f" Between independent runs: the whole {last['ns']:.0f} ns run `{last['source']}` (seed 1) against the reference gives "
+        f" Between independent runs: the whole {last['ns']:.0f} ns run `{last['source']}` against the reference gives "
         f"E-W2 {last['energy_w2']:.3f} kT and T-W2 {last['torus_w2']:.3f} (its populations "
         f"{fmt_pops(results['md']['long_md_populations'])}); T-W2 is dominated by the C7eq/alphaR split, whose statistical "
         "error in 10 ns of MD is about ±0.03 (see Free energy)."
@@ -389,7 +398,7 @@ def fmt_pops(values) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference", default=str(ROOT / "runs" / "ad2-ref.h5"), help="long reference MD (openmm-sbg md file)")
+    parser.add_argument("--reference", default=None, help="long reference MD (openmm-sbg md file; default: the shipped ad2-ref.h5)")
     parser.add_argument("--long-md", default=str(ROOT / "runs" / "ad2-md.h5"), help="a longer MD run for the MD curve beyond --md-ns ('' to skip)")
     parser.add_argument("--flow", default=None, help="trained flow (default: the shipped ad2)")
     parser.add_argument("--md-ns", type=float, default=1.0, help="length of the fresh MD run (ns)")
@@ -406,9 +415,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    from openmm_sbg import TarFlow, systems
+    from openmm_sbg import TarFlow, data, shipped, systems
 
-    flow_path = args.flow or default_flow()
+    flow_path = shipped.flow_path(args.flow) if args.flow else default_flow()
+    args.reference = args.reference or shipped.reference_path("ad2")
     flow = TarFlow.load(flow_path)
     target = systems.get("ad2")  # the batched torch force field (backend "auto")
     scorer = Scorer(args.reference, args.max_samples)
@@ -418,6 +428,7 @@ def main(argv=None) -> None:
         "command": command_line("time_to_quality.py", argv),
         "reference": os.path.relpath(args.reference, ROOT),
         "reference_frames": len(scorer.energies),
+        "reference_ns": float(data.load_trajectory(args.reference).time[-1]) * 1e-3,
         "reference_energy_mean": float(np.mean(scorer.energies)),
         "max_samples": args.max_samples,
         "flow": os.path.relpath(flow_path, ROOT),

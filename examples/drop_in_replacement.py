@@ -40,7 +40,7 @@ temperature = 300 * unit.kelvin
 
 # ---- was: Simulation(pdb.topology, system, integrator, platform).step(n_steps) ----
 target = BoltzmannTarget(system, pdb.topology, temperature, positions=pdb.positions, platform=args.platform)
-flow_path = args.flow or shipped.model_path("ad2-cartesian")
+flow_path = args.flow or shipped.model_path("ad2")
 flow = TarFlow.load(flow_path, target=target)
 kernel = OpenMMMoveKernel(target, flow_path, platform=args.platform) if args.openmm_moves else "mala"
 sampler = SMCSampler(target, flow, n_particles=args.n_particles, n_steps=args.n_steps, kernel=kernel, energy_cutoff=200.0)

@@ -12,7 +12,7 @@ from openmm_sbg import SMCSampler, TarFlow, data, metrics, shipped, systems
 
 os.makedirs("quickstart", exist_ok=True)
 target = systems.get("ad2")  # Ace-Ala-Nme, amber99sbildn + OBC implicit solvent, 300 K
-flow = TarFlow.load(shipped.model_path("ad2-cartesian"), target=target)
+flow = TarFlow.load(shipped.model_path("ad2"), target=target)
 
 result = SMCSampler(target, flow, n_particles=1000, n_steps=50, kernel="mala").run(seed=0)
 result.save("quickstart/samples.h5")

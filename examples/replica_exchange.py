@@ -31,7 +31,7 @@ args = parser.parse_args()
 target = systems.get("ad2")
 temperatures = [300, 330, 365] * unit.kelvin
 thermodynamic_states = [states.ThermodynamicState(target.system, t) for t in temperatures]
-flow_move = FlowIndependenceMove(args.flow or shipped.model_path("ad2-cartesian"), n_attempts=10)
+flow_move = FlowIndependenceMove(args.flow or shipped.model_path("ad2"), n_attempts=10)
 move = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(timestep=1 * unit.femtosecond, n_steps=100), flow_move])
 
 if os.path.exists(args.out):

@@ -17,6 +17,10 @@ def test_demo_samples_evaluates_and_plots(tmp_path, capsys):
         assert (out / f"{name}.h5").is_file()
         assert (out / name / "ramachandran.png").is_file() and (out / name / "energy.png").is_file()
         assert 0 < run["ess"] <= 1 and np.isfinite(run["log_z"])
-        assert run["energy_w2_kT"] >= 0 and run["torus_w2"] >= 0
+    # What the demo is for: the shipped flow is a usable proposal on its own. The Cartesian
+    # model it replaced gave ESS ~1/K (0.02 here) and T-W2 ~1.5-1.9 at this size.
+    importance = summary["runs"]["importance_sampling"]
+    assert importance["ess"] > 0.08
+    assert importance["torus_w2"] < 1.0 and importance["energy_w2_kT"] < 3.0
     assert summary["runs"]["smc"]["n_steps"] == 3
     assert (out / "summary.json").is_file()

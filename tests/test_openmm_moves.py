@@ -97,7 +97,7 @@ def test_sample_com_matches_com_density():
 
 def _ad2_sampler(ad2, n_attempts: int, langevin_steps: int):
     """MCMCSampler on ad2 with Langevin dynamics then the shipped flow's independence move; seeded."""
-    move = FlowIndependenceMove(shipped.model_path("ad2-cartesian"), n_attempts=n_attempts)
+    move = FlowIndependenceMove(shipped.model_path("ad2"), n_attempts=n_attempts)
     sequence = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(timestep=1 * unit.femtosecond, n_steps=langevin_steps), move])
     sampler = mcmc.MCMCSampler(
         states.ThermodynamicState(ad2.system, ad2.temperature), states.SamplerState(ad2.positions * unit.nanometer), sequence
@@ -112,17 +112,18 @@ def test_works_in_mcmc_sampler_on_ad2_and_serialises(ad2):
     sampler.run(5)
     assert move.n_proposed == 40
     assert np.isfinite(sampler.sampler_state.potential_energy / unit.kilojoule_per_mole)
-    # The shipped CPU-sized flow's raw proposals sit hundreds of kT above MD, so acceptance
-    # from an equilibrated state is ~0 (0 of 2,000 measured); exactness is tested on the toy above.
-    assert 0 <= move.n_accepted <= move.n_proposed
+    # The shipped internal-coordinate flow is close enough to the Boltzmann distribution that
+    # independence proposals are accepted (a move that never accepts, or always does, is broken;
+    # exactness is tested on the toy above).
+    assert 0 < move.n_accepted < move.n_proposed
     restored = utils.deserialize(utils.serialize(move))
     assert restored.statistics == move.statistics
-    assert restored.checkpoint_path == os.path.abspath(shipped.model_path("ad2-cartesian"))
+    assert restored.checkpoint_path == os.path.abspath(shipped.model_path("ad2"))
     assert restored.flow is move.flow, "copies share one loaded flow"
 
 
 def test_replica_exchange_with_flow_move_writes_and_reads_back(ad2, tmp_path):
-    path = shipped.model_path("ad2-cartesian")
+    path = shipped.model_path("ad2")
     temperatures = [300, 330, 360] * unit.kelvin
     thermodynamic_states = [states.ThermodynamicState(ad2.system, t) for t in temperatures]
     move = mcmc.SequenceMove(

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> dict:
     from openmm_sbg.smc import SMCResult
 
     os.makedirs(args.out_dir, exist_ok=True)
-    flow = TarFlow.load(shipped.model_path("ad2-cartesian"))
+    flow = TarFlow.load(shipped.model_path("ad2"))
     target = flow.target()
     reference = shipped.reference_path("ad2")
     common = {"n_particles": args.n_particles, "seed": args.seed, "progress": not args.no_progress, "restart": True}
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
         # relax them (E-W2 0.8 kT with 3 moves against 4.2 kT with 1, at 256 particles).
         "smc": {"n_steps": args.n_steps, "kernel": "mala", "n_mcmc_steps": args.n_mcmc_steps},
     }
-    summary = {"system": target.name, "model": os.path.basename(shipped.model_path("ad2-cartesian")), "runs": {}}
+    summary = {"system": target.name, "model": os.path.basename(shipped.model_path("ad2")), "runs": {}}
     for name, options in runs.items():
         out = os.path.join(args.out_dir, f"{name}.h5")
         sampled = sample(target, flow, out, **common, **options)
