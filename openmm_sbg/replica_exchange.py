@@ -39,38 +39,26 @@ class ReplicaExchangeConfig:
 
     Parameters
     ----------
-    n_frames
-        Recorded iterations (one frame per replica each).
+    md
+        The dynamics and recording of every replica, as for plain MD: ``n_frames`` recorded
+        iterations, ``steps_per_frame`` Langevin steps between exchange attempts (and frames),
+        ``equilibration_steps`` rounded to whole iterations (at least one), ``seed`` for
+        numpy's global generator, from which openmmtools draws the exchanges, and the split.
     temperatures_K
         The ladder, lowest first; the lowest is the target's temperature.
-    steps_per_iteration
-        Langevin steps between exchange attempts (and frames).
-    timestep_fs, friction_per_ps
-        Integrator settings, as for plain MD.
-    equilibration_iterations
-        Iterations run before recording.
-    seed
-        Seeds numpy's global generator, which openmmtools draws the exchanges from.
-    split_fractions
-        Train / val / test fractions of contiguous time blocks of the recorded frames.
     """
 
-    n_frames: int
+    md: MDConfig
     temperatures_K: tuple[float, ...]
-    steps_per_iteration: int = 1000
-    timestep_fs: float = 1.0
-    friction_per_ps: float = 1.0
-    equilibration_iterations: int = 10
-    seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     def __post_init__(self):
         self.temperatures_K = tuple(float(t) for t in self.temperatures_K)
-        self.split_fractions = tuple(float(f) for f in self.split_fractions)
         if len(self.temperatures_K) < 2 or list(self.temperatures_K) != sorted(self.temperatures_K):
             raise ValueError(f"the ladder needs two or more increasing temperatures, got {self.temperatures_K}")
-        if self.n_frames < 1 or self.steps_per_iteration < 1 or self.equilibration_iterations < 0:
-            raise ValueError("n_frames and steps_per_iteration must be positive, equilibration_iterations non-negative")
+
+    @property
+    def equilibration_iterations(self) -> int:
+        return max(1, round(self.md.equilibration_steps / self.md.steps_per_frame))
 
 
 def geometric_ladder(t_min: float, t_max: float, n: int) -> tuple[float, ...]:
@@ -114,14 +102,13 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
     storage = os.path.join(work, "replicas.nc")
     settings_file = os.path.join(work, "settings.json")
     settings = {"config": dataclasses.asdict(config), "n_atoms": target.n_atoms, "name": target.name}
-    settings["config"]["n_frames"] = None  # a run may be extended
-    total = config.equilibration_iterations + config.n_frames
+    settings["config"]["md"]["n_frames"] = None  # a run may be extended
+    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
+    total = config.equilibration_iterations + config.md.n_frames
 
     if os.path.exists(settings_file) and os.path.exists(storage):
         with open(settings_file, encoding="utf-8") as handle:
             saved = json.load(handle)
-        saved["config"] = dataclasses.asdict(ReplicaExchangeConfig(**{**saved["config"], "n_frames": 1}))
-        saved["config"]["n_frames"] = None
         if saved != settings:
             raise ValueError(
                 f"{work} holds an interrupted run with other settings ({saved['config']}); delete that folder "
@@ -133,12 +120,12 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
         if os.path.exists(work):
             shutil.rmtree(work)  # a run that died before its storage was complete
         os.makedirs(work)
-        np.random.seed(config.seed)
+        np.random.seed(config.md.seed)
         thermodynamic_states = [states.ThermodynamicState(target.system, t * unit.kelvin) for t in config.temperatures_K]
         move = mcmc.LangevinDynamicsMove(
-            timestep=config.timestep_fs * unit.femtosecond,
-            collision_rate=config.friction_per_ps / unit.picosecond,
-            n_steps=config.steps_per_iteration,
+            timestep=config.md.timestep_fs * unit.femtosecond,
+            collision_rate=config.md.friction_per_ps / unit.picosecond,
+            n_steps=config.md.steps_per_frame,
             reassign_velocities=False,
         )
         sampler = multistate.ReplicaExchangeSampler(mcmc_moves=move, number_of_iterations=total)
@@ -169,17 +156,16 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
     acceptance = _neighbour_acceptance(reporter)
     reporter.close()
     lowest = replica_states == 0  # [iteration, replica]: the replica at the target temperature
-    md_config = MDConfig(n_frames=config.n_frames, steps_per_frame=config.steps_per_iteration, timestep_fs=config.timestep_fs)
     low_xyz = frames[lowest.nonzero()]  # one replica per iteration, in iteration order
     low_energies = energies[lowest.nonzero()][:, 0]
-    write_trajectory(out, target, low_xyz, low_energies, split_labels(len(low_xyz), config.split_fractions), md_config)
+    write_trajectory(out, target, low_xyz, low_energies, split_labels(len(low_xyz), config.md.split_fractions), config.md)
     summary = {
         "status": "complete",
         "out": out,
         "frames": int(len(low_xyz)),
         "temperatures_K": list(config.temperatures_K),
         "exchange_acceptance": acceptance,
-        "simulated_ns_per_replica": config.n_frames * config.steps_per_iteration * config.timestep_fs * 1e-6,
+        "simulated_ns_per_replica": config.md.n_frames * config.md.steps_per_frame * config.md.timestep_fs * 1e-6,
         "wall_s": wall,
         "iterations_this_call": iterations_run,
     }

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from openmm_sbg import cli, data
+from openmm_sbg.md import MDConfig
 from openmm_sbg.replica_exchange import ReplicaExchangeConfig, geometric_ladder, run_replica_exchange
 
 
@@ -19,15 +20,13 @@ def test_geometric_ladder():
 
 
 def test_ladder_must_start_at_the_target_temperature(ad2, tmp_path):
-    config = ReplicaExchangeConfig(n_frames=2, temperatures_K=(310, 400), steps_per_iteration=10)
+    config = ReplicaExchangeConfig(MDConfig(n_frames=2, steps_per_frame=10), temperatures_K=(310, 400))
     with pytest.raises(ValueError, match="target is at 300"):
         run_replica_exchange(ad2, str(tmp_path / "re.h5"), config, progress=False)
 
 
 def test_interrupted_run_resumes_and_writes_the_lowest_replica(ad2, tmp_path):
-    config = ReplicaExchangeConfig(
-        n_frames=6, temperatures_K=geometric_ladder(300, 450, 3), steps_per_iteration=20, equilibration_iterations=1
-    )
+    config = ReplicaExchangeConfig(MDConfig(n_frames=6, steps_per_frame=20, equilibration_steps=20), geometric_ladder(300, 450, 3))
     out = str(tmp_path / "re.h5")
     partial = run_replica_exchange(ad2, out, config, progress=False, stop_after_frames=3)
     assert partial["status"] == "interrupted" and partial["frames"] == 3

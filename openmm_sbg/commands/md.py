@@ -61,16 +61,7 @@ def _run_replica_exchange(args: argparse.Namespace, target, config) -> dict:
     from openmm_sbg.replica_exchange import ReplicaExchangeConfig, geometric_ladder, run_replica_exchange
 
     ladder = geometric_ladder(target.temperature.value_in_unit(unit.kelvin), args.t_max, args.n_replicas)
-    exchange = ReplicaExchangeConfig(
-        n_frames=config.n_frames,
-        temperatures_K=ladder,
-        steps_per_iteration=config.steps_per_frame,
-        timestep_fs=config.timestep_fs,
-        friction_per_ps=config.friction_per_ps,
-        equilibration_iterations=max(1, round(config.equilibration_steps / config.steps_per_frame)),
-        seed=config.seed,
-        split_fractions=config.split_fractions,
-    )
+    exchange = ReplicaExchangeConfig(md=config, temperatures_K=ladder)
     return run_replica_exchange(
         target, args.out, exchange, platform=args.platform or "Reference", all_replicas=args.all_replicas,
         progress=not args.no_progress,
