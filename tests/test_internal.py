@@ -126,9 +126,12 @@ def test_checkpoint_round_trip_keeps_zmatrix_and_normalisation(tmp_path):
     torch.testing.assert_close(loaded.log_prob(x), flow.log_prob(x), atol=0, rtol=0)
 
 
-def test_internal_flow_needs_the_molecule():
+def test_internal_flow_needs_the_molecule_and_its_rigid_body_noise():
     with pytest.raises(ValueError, match="target="):
         TarFlow(TINY_INTERNAL, 22)
+    flow = random_internal_flow(systems.get("ad2", platform="Reference"))
+    with pytest.raises(ValueError, match="draw_latents"):
+        flow.inverse(torch.zeros(2, 20, 3, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ a molecule with a known Z

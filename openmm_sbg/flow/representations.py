@@ -158,6 +158,11 @@ class InternalCoordinates(nn.Module):
 
     def positions(self, h: torch.Tensor, rigid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``[B, N - 2, 3]`` and rigid-body noise ``[B, 7]`` -> ``(x, log_det)`` as :meth:`features`."""
+        if rigid is None or rigid.shape != (h.shape[0], self.n_rigid):
+            raise ValueError(
+                f"an internal-coordinate flow places each sample with {self.n_rigid} normal numbers "
+                f"(rigid [{h.shape[0]}, {self.n_rigid}]); use TarFlow.sample, or draw_latents and from_latents"
+            )
         t = h.to(torch.float64) * self.scale + self.loc
         q, log_map = self._from_unbounded(t)
         rigid = rigid.to(torch.float64)
