@@ -56,6 +56,8 @@ def delta_f(pops) -> list[float]:
 def md_analysis(path: str, blocks: int) -> dict:
     from pymbar import timeseries
 
+    from openmm_sbg import data
+
     angles, _ = dihedrals_and_energies(path)
     labels = basin_labels(angles)
     n = len(labels)
@@ -80,7 +82,7 @@ def md_analysis(path: str, blocks: int) -> dict:
     return {
         "file": os.path.relpath(path, ROOT),
         "frames": n,
-        "ns": n * 5e-4,
+        "ns": float(data.load_trajectory(path).time[-1]) * 1e-3,
         "populations": pops.tolist(),
         "statistical_inefficiency_frames": g,
         "population_err_g": err_g,
@@ -164,7 +166,7 @@ def report(results: dict) -> str:
         f"Machine: {results['machine']}.",
         "",
         f"Command: `{results['command']}`. Basins: {BASIN_RULE}. dF(A->B) = -ln(p_B / p_A) in kT. "
-        f"MD errors: `pymbar.timeseries.statistical_inefficiency` of each basin indicator (g, in frames of 0.5 ps), "
+        f"MD errors: `pymbar.timeseries.statistical_inefficiency` of each basin indicator (g, in frames of the file), "
         f"and the standard error over {results['md'][0]['blocks']} contiguous blocks. SBG errors: standard error over seeds. "
         "All populations use the samples' final weights; SBG dF comes from the seed-averaged populations.",
         "",
