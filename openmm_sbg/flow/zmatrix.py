@@ -49,6 +49,9 @@ class ZMatrix:
 
     root: tuple[int, int, int]
     placed: np.ndarray
+    # Index tensors per device, made on first use: the hot path (every flow energy) then
+    # allocates nothing, and CUDA graphs can capture it.
+    _indices: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_atoms(self) -> int:
@@ -132,7 +135,7 @@ class ZMatrix:
         head = torch.stack(
             [_distance(x[:, r1], x[:, r0]), _distance(x[:, r2], x[:, r0]), _angle(x[:, r2], x[:, r0], x[:, r1])], dim=-1
         )
-        i, j, k, l = (torch.as_tensor(self.placed[:, column], device=x.device) for column in range(4))
+        i, j, k, l = self._device_indices(x.device)[0]
         xi, xj, xk, xl = x[:, i], x[:, j], x[:, k], x[:, l]
         rows = torch.stack([_distance(xi, xj), _angle(xi, xj, xk), _dihedral(xi, xj, xk, xl)], dim=-1)
         return torch.cat([head[:, None], rows], dim=1), x.mean(dim=1)
@@ -167,12 +170,21 @@ class ZMatrix:
         x[:, r1, 0] = b1
         x[:, r2, 0] = b2 * torch.cos(a2)
         x[:, r2, 1] = b2 * torch.sin(a2)
-        for rows in self._levels():
-            i, j, k, l = (torch.as_tensor(self.placed[rows, column], device=q.device) for column in range(4))
-            values = q[:, torch.as_tensor(rows, device=q.device) + 1]
+        for tokens, (i, j, k, l) in self._device_indices(q.device)[1]:
+            values = q[:, tokens]
             x[:, i] = _place(x[:, j], x[:, k], x[:, l], values[..., 0], values[..., 1], values[..., 2])
         x = x @ rotation.transpose(-1, -2)
         return x - x.mean(dim=1, keepdim=True) + centre[:, None]
+
+    def _device_indices(self, device: torch.device):
+        """``(i, j, k, l)`` of every placed atom, and per level its token rows and ``(i, j, k, l)``, on ``device``."""
+        key = str(device)
+        if key not in self._indices:
+            columns = lambda rows: tuple(torch.as_tensor(self.placed[rows, c], device=device) for c in range(4))  # noqa: E731
+            every = slice(None)
+            levels = [(torch.as_tensor(rows + 1, device=device), columns(rows)) for rows in self._levels()]
+            self._indices[key] = (columns(every), levels)
+        return self._indices[key]
 
     def _levels(self) -> list[np.ndarray]:
         """Rows of :attr:`placed` grouped so that each group depends only on earlier groups."""
@@ -181,9 +193,6 @@ class ZMatrix:
             depth[int(i)] = 1 + max(depth[int(j)], depth[int(k)], depth[int(l)])
         levels = np.asarray([depth[int(i)] for i in self.placed[:, 0]])
         return [np.flatnonzero(levels == level) for level in range(1, int(levels.max(initial=0)) + 1)]
-
-    def to_dict(self) -> dict:
-        return {"root": list(self.root), "placed": self.placed.tolist()}
 
 
 # ----------------------------------------------------------------------------- geometry
