@@ -51,11 +51,14 @@ class CartesianCoordinates(nn.Module):
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions ``[B, N, 3]`` -> ``(h [B, N, 3], log_det [B])``, both in the dtype of ``x``."""
-        return x / self.std, x.new_full((x.shape[0],), -3 * self.n_atoms * math.log(self.std))
+        return x / self.std, self._log_det(x)
 
     def positions(self, h: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse of :meth:`features`: ``(x, log_det)`` with the same ``log_det``."""
-        return h * self.std, h.new_full((h.shape[0],), -3 * self.n_atoms * math.log(self.std))
+        return h * self.std, self._log_det(h)
+
+    def _log_det(self, like: torch.Tensor) -> torch.Tensor:
+        return like.new_full((like.shape[0],), -3 * self.n_atoms * math.log(self.std))
 
     def fit(self, positions: torch.Tensor) -> None:
         """Nothing to fit: ``std`` is given at construction (the flow's own, from the data)."""

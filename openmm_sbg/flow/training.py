@@ -181,9 +181,6 @@ def train(
     if len(train_positions) < 1:
         raise ValueError("no training frames left after holding out validation frames; pass more data")
 
-    if config.representation == "internal" and target is None:
-        raise ValueError("an internal-coordinate flow builds its Z-matrix from the molecule's bonds; pass target=")
-
     data_sha1 = _fingerprint(train_positions, val_positions)
     std = centred_std(train_positions)
     with torch.random.fork_rng(devices=[]):
