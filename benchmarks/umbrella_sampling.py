@@ -1,0 +1,248 @@
+"""Umbrella sampling along phi with plain OpenMM + MBAR: the independent reference for ad2's rare basin.
+
+Windows restrain the backbone dihedral phi (C-N-CA-C) with a periodic harmonic bias
+``k/2 * d(phi, phi_k)^2`` at ``--windows`` evenly spaced centres; each window runs Langevin
+dynamics (1 fs, friction 1/ps, Reference platform, as ``openmm-sbg md``) started from the
+previous window's last configuration, ``--equilibration-ps`` unrecorded then ``--ps``
+recorded with (phi, psi) every ``--sample-ps``. pymbar's MBAR on the decorrelated samples of
+all windows (``timeseries.subsample_correlated_data`` per window) gives the unbiased basin
+populations (basins as :mod:`_common`) with MBAR's uncertainty; independent repeats
+(``--repeats`` seeds) give a second, seed-to-seed error bar. Wall-clock to a 20% answer for
+P(alphaL/C7ax) is measured by analysing growing prefixes of every window.
+
+Every window is saved as it finishes (``runs/bench/umbrella/``), so a rerun resumes.
+Run: ``nice python benchmarks/umbrella_sampling.py`` (about 7 minutes per repeat and
+temperature on one core); it writes ``results/umbrella_sampling.json`` and the
+"Rare basin: umbrella sampling reference" section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import BASIN_RULE, BASINS, WORK, basin_labels, command_line, machine, publish  # noqa: E402
+
+HEADING = "## Rare basin: umbrella sampling reference"
+STORE = WORK / "umbrella"
+
+
+def restrained_context(temperature_K: float, k_kj_per_rad2: float, seed: int):
+    """A Context of ad2 with a movable periodic harmonic restraint on phi (global ``phi0``)."""
+    import openmm
+    from openmm import unit
+
+    from openmm_sbg import systems
+
+    target = systems.get("ad2", temperature=temperature_K)
+    system = target.system  # the target keeps its own copy
+    bias = openmm.CustomTorsionForce("0.5*k_phi*dtheta^2; dtheta = min(d, 2*pi - d); d = abs(theta - phi0); pi = 3.141592653589793")
+    bias.addGlobalParameter("k_phi", k_kj_per_rad2)
+    bias.addGlobalParameter("phi0", 0.0)
+    bias.addTorsion(*phi_atoms(target.topology), [])
+    system.addForce(bias)
+    integrator = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, 1 / unit.picosecond, 1 * unit.femtosecond)
+    integrator.setRandomNumberSeed(seed + 1)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(target.positions)
+    return context, integrator, target.topology
+
+
+def phi_atoms(topology) -> tuple[int, int, int, int]:
+    """Indices of phi (C of ACE, N, CA, C of ALA), from mdtraj's definition."""
+    import mdtraj
+
+    indices, _ = mdtraj.compute_phi(mdtraj.Trajectory(np.zeros((1, topology.getNumAtoms(), 3)), mdtraj.Topology.from_openmm(topology)))
+    return tuple(int(i) for i in indices[0])
+
+
+def dihedral(xyz: np.ndarray, atoms) -> float:
+    b0, b1, b2 = xyz[atoms[1]] - xyz[atoms[0]], xyz[atoms[2]] - xyz[atoms[1]], xyz[atoms[3]] - xyz[atoms[2]]
+    n1, n2 = np.cross(b0, b1), np.cross(b1, b2)
+    m1 = np.cross(n1, b1 / np.linalg.norm(b1))
+    return float(np.arctan2(np.dot(m1, n2), np.dot(n1, n2)))
+
+
+def run_windows(temperature_K: float, seed: int, args) -> dict:
+    """Run (or resume) one repeat: every window's (phi, psi) samples and its wall-clock."""
+    from openmm import unit
+
+    centres = np.linspace(-math.pi, math.pi, args.windows, endpoint=False)
+    tag = f"T{temperature_K:g}-seed{seed}-w{args.windows}-k{args.k:g}-ps{args.ps:g}"
+    folder = STORE / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    context, integrator, topology = restrained_context(temperature_K, args.k, seed)
+    phi_idx = phi_atoms(topology)
+    import mdtraj
+
+    md_top = mdtraj.Topology.from_openmm(topology)
+    psi_idx = tuple(int(i) for i in mdtraj.compute_psi(mdtraj.Trajectory(np.zeros((1, md_top.n_atoms, 3)), md_top))[0][0])
+    steps_per_sample = int(round(args.sample_ps * 1000))
+    n_samples = int(round(args.ps / args.sample_ps))
+    windows = []
+    for i, centre in enumerate(centres):
+        path = folder / f"window{i:03d}.npz"
+        if path.exists():
+            saved = np.load(path)
+            windows.append({"phi": saved["phi"], "psi": saved["psi"], "seconds": float(saved["seconds"])})
+            context.setPositions(saved["last_positions"])
+            continue
+        start = time.perf_counter()
+        context.setParameter("phi0", float(centre))
+        if i == 0:
+            context.setVelocitiesToTemperature(temperature_K * unit.kelvin, seed + 1)
+        integrator.step(int(round(args.equilibration_ps * 1000)))
+        phi, psi = np.empty(n_samples), np.empty(n_samples)
+        for s in range(n_samples):
+            integrator.step(steps_per_sample)
+            xyz = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            phi[s], psi[s] = dihedral(xyz, phi_idx), dihedral(xyz, psi_idx)
+        seconds = time.perf_counter() - start
+        last = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, phi=phi, psi=psi, seconds=seconds, last_positions=last)
+        os.replace(tmp, path)
+        windows.append({"phi": phi, "psi": psi, "seconds": seconds})
+        print(f"T={temperature_K:g} K seed {seed}: window {i + 1}/{len(centres)} (phi0 {math.degrees(centre):.0f} deg) {seconds:.1f} s", flush=True)
+    return {"centres": centres, "windows": windows}
+
+
+def periodic_bias(phi: np.ndarray, centre: float, k: float) -> np.ndarray:
+    d = np.abs(phi - centre) % (2 * math.pi)
+    d = np.minimum(d, 2 * math.pi - d)
+    return 0.5 * k * d**2
+
+
+def mbar_populations(run: dict, temperature_K: float, k: float, fraction: float = 1.0) -> dict:
+    """Unbiased basin populations (and MBAR's standard errors) from the first ``fraction`` of every window."""
+    from pymbar import MBAR, timeseries
+
+    kT = 0.0083144626 * temperature_K
+    phis, psis, counts = [], [], []
+    for w, centre in zip(run["windows"], run["centres"]):
+        n = max(int(len(w["phi"]) * fraction), 10)
+        phi, psi = w["phi"][:n], w["psi"][:n]
+        keep = timeseries.subsample_correlated_data(periodic_bias(phi, centre, k))
+        phis.append(phi[keep])
+        psis.append(psi[keep])
+        counts.append(len(keep))
+    phi, psi = np.concatenate(phis), np.concatenate(psis)
+    u_kn = np.stack([periodic_bias(phi, c, k) / kT for c in run["centres"]])
+    mbar = MBAR(u_kn, np.array(counts))
+    labels = basin_labels(np.stack([phi, psi], axis=1))
+    indicators = np.stack([(labels == b).astype(float) for b in range(len(BASINS))])
+    u_unbiased = np.zeros_like(phi)
+    pops, errs = [], []
+    for a in indicators:
+        out = mbar.compute_expectations(a, u_kn=u_unbiased)
+        pops.append(float(out["mu"][0]) if np.ndim(out["mu"]) else float(out["mu"]))
+        errs.append(float(np.ravel(out["sigma"])[0]))
+    return {"populations": pops, "errors": errs, "decorrelated_samples": int(sum(counts))}
+
+
+def analyse(temperature_K: float, runs: list[dict], args) -> dict:
+    per_seed = [mbar_populations(r, temperature_K, args.k) for r in runs]
+    pops = np.array([s["populations"] for s in per_seed])
+    mean = pops.mean(axis=0)
+    spread = pops.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.full(len(BASINS), float("nan"))
+    mbar_err = np.sqrt(np.sum(np.array([s["errors"] for s in per_seed]) ** 2, axis=0)) / len(runs)
+    seconds = [sum(w["seconds"] for w in r["windows"]) for r in runs]
+    # Time to a 20% answer: the shortest prefix of one repeat whose MBAR relative error on
+    # P(alphaL/C7ax) is at most 20% and whose estimate lies within 20% of the all-repeat mean.
+    to_20 = []
+    for r, secs in zip(runs, seconds):
+        hit = None
+        for fraction in np.linspace(0.05, 1.0, 20):
+            est = mbar_populations(r, temperature_K, args.k, fraction)
+            p, e = est["populations"][2], est["errors"][2]
+            if p > 0 and e / p <= 0.2 and abs(p - mean[2]) <= 0.2 * mean[2]:
+                hit = float(fraction * secs)
+                break
+        to_20.append(hit)
+    return {
+        "temperature_K": temperature_K,
+        "per_seed": per_seed,
+        "populations": mean.tolist(),
+        "seed_stderr": spread.tolist(),
+        "mbar_error_of_mean": mbar_err.tolist(),
+        "seconds_per_repeat": seconds,
+        "simulated_ns_per_repeat": args.windows * (args.ps + args.equilibration_ps) / 1000,
+        "seconds_to_20_percent": to_20,
+    }
+
+
+def fmt(p: float, e: float) -> str:
+    return f"{p:.4f} ± {e:.4f}" if p < 0.01 else f"{p:.3f} ± {e:.3f}"
+
+
+def report(results: dict) -> str:
+    s = results["settings"]
+    lines = [
+        f"Machine: {results['machine']}.",
+        "",
+        f"Command: `{results['command']}`. {s['windows']} windows along phi (periodic harmonic bias, "
+        f"k = {s['k']:g} kJ/mol/rad²), {s['equilibration_ps']:g} ps equilibration + {s['ps']:g} ps recorded per window "
+        f"((phi, psi) every {s['sample_ps']:g} ps), Langevin 1 fs, friction 1/ps, OpenMM Reference platform, one core; "
+        "MBAR (pymbar) on the samples of each window decorrelated with `timeseries.subsample_correlated_data`. "
+        f"Basins: {BASIN_RULE}.",
+        "",
+        "| T (K) | repeats | C7eq/beta | alphaR | alphaL/C7ax (phi > 0) | dF(C7eq/beta -> alphaL/C7ax) (kT) | simulated ns per repeat | wall-clock per repeat | to a 20% answer on alphaL/C7ax |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["temperatures"]:
+        pops, err = r["populations"], r["seed_stderr"]
+        mbar = r["mbar_error_of_mean"]
+        err = [e if np.isfinite(e) else m for e, m in zip(err, mbar)]
+        df = -math.log(pops[2] / pops[0])
+        df_err = math.hypot(err[2] / pops[2], err[0] / pops[0])
+        hits = [h for h in r["seconds_to_20_percent"] if h is not None]
+        to20 = f"{np.mean(hits):.0f} s ({len(hits)}/{len(r['seconds_to_20_percent'])} repeats)" if hits else "not reached"
+        lines.append(
+            f"| {r['temperature_K']:g} | {len(r['per_seed'])} | {fmt(pops[0], err[0])} | {fmt(pops[1], err[1])} | "
+            f"{fmt(pops[2], err[2])} | {df:.2f} ± {df_err:.2f} | {r['simulated_ns_per_repeat']:.1f} | "
+            f"{np.mean(r['seconds_per_repeat']):.0f} s | {to20} |"
+        )
+    lines += [
+        "",
+        "Errors are standard errors over the independent repeats (MBAR's own standard error of the mean of repeats, "
+        "where there is one repeat). Per repeat, MBAR's relative error on P(alphaL/C7ax): "
+        + "; ".join(
+            f"{r['temperature_K']:g} K: " + ", ".join(f"{s['errors'][2] / s['populations'][2]:.1%}" for s in r["per_seed"])
+            for r in results["temperatures"]
+        )
+        + ". Wall-clock to a 20% answer is the shortest prefix of one repeat's windows whose MBAR relative error "
+        "is at most 20% and whose estimate lies within 20% of the all-repeat mean (the windows run one after another, "
+        "so a prefix of every window costs that fraction of the repeat's wall-clock).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 350.0])
+    parser.add_argument("--repeats", type=int, nargs="+", default=[3, 2], help="independent repeats per temperature")
+    parser.add_argument("--windows", type=int, default=36)
+    parser.add_argument("--k", type=float, default=200.0, help="bias force constant, kJ/mol/rad^2")
+    parser.add_argument("--ps", type=float, default=200.0, help="recorded time per window")
+    parser.add_argument("--equilibration-ps", type=float, default=20.0)
+    parser.add_argument("--sample-ps", type=float, default=0.2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    if len(args.repeats) != len(args.temperatures):
+        parser.error("give one --repeats count per temperature")
+    results = {"machine": machine(), "command": command_line("umbrella_sampling.py", argv), "temperatures": [],
+               "settings": {k: getattr(args, k) for k in ("windows", "k", "ps", "equilibration_ps", "sample_ps")}}
+    for temperature, repeats in zip(args.temperatures, args.repeats):
+        runs = [run_windows(temperature, seed, args) for seed in range(repeats)]
+        results["temperatures"].append(analyse(temperature, runs, args))
+    publish(results, "umbrella_sampling.json", HEADING, report(results), write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
