@@ -15,6 +15,9 @@ import numpy as np
 from openmm_sbg.md import HDF5_EXTENSIONS, SPLIT_CODES
 
 
+PER_FRAME_KEYS = ("split", "energies_kT", "frame_temperature_K")
+
+
 def _check_exists(path) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -23,15 +26,15 @@ def _check_exists(path) -> str:
 
 
 def read_metadata(path) -> dict:
-    """Per-frame ``split`` codes and ``energies_kT`` stored with an ``openmm-sbg md`` file ({} if none)."""
+    """Per-frame ``split`` codes, ``energies_kT`` and (pooled temperatures) ``frame_temperature_K`` of an ``openmm-sbg md`` file ({} if none)."""
     path = _check_exists(path)
     if os.path.splitext(path)[1].lower() in HDF5_EXTENSIONS:
         with h5py.File(path, "r") as handle:
-            return {key: handle[key][()] for key in ("split", "energies_kT") if key in handle}
+            return {key: handle[key][()] for key in PER_FRAME_KEYS if key in handle}
     sidecar = path + ".meta.npz"
     if os.path.exists(sidecar):
         with np.load(sidecar) as meta:
-            return {key: meta[key] for key in ("split", "energies_kT") if key in meta}
+            return {key: meta[key] for key in PER_FRAME_KEYS if key in meta}
     return {}
 
 

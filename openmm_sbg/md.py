@@ -212,19 +212,26 @@ def run_md(
     }
 
 
-def write_trajectory(out, target, xyz, energies, split, config: MDConfig) -> None:
-    """Write frames plus their energies (kT) and split codes, atomically."""
+def write_trajectory(out, target, xyz, energies, split, config: MDConfig, frame_temperature_K=None) -> None:
+    """Write frames plus their energies (kT at the target's temperature) and split codes, atomically.
+
+    ``frame_temperature_K`` (optional, one per frame) records the temperature each frame was
+    sampled at, for data pooled from several temperatures (replica exchange).
+    """
     time_ps = np.arange(1, len(xyz) + 1) * config.steps_per_frame * config.timestep_fs * 1e-3
     traj = mdtraj.Trajectory(xyz, mdtraj.Topology.from_openmm(target.topology), time=time_ps)
     extension = os.path.splitext(out)[1].lower()
     attrs = {"temperature_K": target.temperature.value_in_unit(unit.kelvin), "system": target.name or ""}
+    per_frame = {"energies_kT": energies, "split": split}
+    if frame_temperature_K is not None:
+        per_frame["frame_temperature_K"] = np.asarray(frame_temperature_K, dtype=np.float64)
     with atomic_path(out) as tmp:
         traj.save(tmp)
         if extension in HDF5_EXTENSIONS:
             with h5py.File(tmp, "a") as handle:
-                handle.create_dataset("energies_kT", data=energies)
-                handle.create_dataset("split", data=split)
+                for key, values in per_frame.items():
+                    handle.create_dataset(key, data=values)
                 handle.attrs.update(attrs)
     if extension not in HDF5_EXTENSIONS:
         with atomic_path(out + ".meta.npz") as tmp:
-            np.savez(tmp, energies_kT=energies, split=split, **attrs)
+            np.savez(tmp, **per_frame, **attrs)

@@ -5,7 +5,9 @@ geometric ladder and swap configurations between temperatures after every iterat
 (openmmtools' ``ReplicaExchangeSampler``, all-pairs Gibbs swaps). The frames of the lowest
 temperature, the target's, form an ``openmm-sbg md``-style trajectory (energies in kT at the
 target temperature, train/val/test split), so ``openmm-sbg train`` takes it unchanged; with
-``all_replicas`` a second file holds every replica's frames with their temperatures.
+``all_replicas`` a second file in the same format, ``<out stem>-all-replicas<ext>``, holds every
+replica's frames (energies in kT at the target temperature) with the temperature of each
+(``frame_temperature_K``).
 
 The run lives in ``<out>.work/``: openmmtools' NetCDF storage (positions of every replica at
 every iteration) and the settings. Rerunning resumes from the storage's last iteration; a
@@ -170,9 +172,15 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
         "iterations_this_call": iterations_run,
     }
     if all_replicas:
-        all_out = os.path.splitext(out)[0] + "-all-replicas.npz"
-        kelvin = np.asarray(config.temperatures_K)[replica_states]
-        np.savez(all_out, xyz=frames, temperature_K=kelvin, reduced_energies=energies)
+        # Iteration-major, so the time-block split of the lowest replica's file holds here too.
+        stem, extension = os.path.splitext(out)
+        all_out = f"{stem}-all-replicas{extension}"
+        n_iterations, n_replicas = replica_states.shape
+        write_trajectory(
+            all_out, target, frames.reshape(-1, target.n_atoms, 3), energies[:, :, 0].reshape(-1),
+            np.repeat(split_labels(n_iterations, config.md.split_fractions), n_replicas), config.md,
+            frame_temperature_K=np.asarray(config.temperatures_K)[replica_states].reshape(-1),
+        )
         summary["all_replicas"] = all_out
     return summary
 

@@ -40,12 +40,18 @@ def test_interrupted_run_resumes_and_writes_the_lowest_replica(ad2, tmp_path):
     assert frames.shape == (6, 22, 3) and len(meta["split"]) == 6
     energies = ad2.energy(frames.astype(np.float64)).numpy()
     np.testing.assert_allclose(meta["energies_kT"], energies, rtol=1e-4, atol=1e-3)
-    replicas = np.load(summary["all_replicas"])
-    assert replicas["xyz"].shape == (6, 3, 22, 3)
-    assert sorted(replicas["temperature_K"][0]) == pytest.approx(sorted(config.temperatures_K))
-    # Each frame of the file is the replica that sat at 300 K at that iteration.
-    at_target = np.isclose(replicas["temperature_K"], 300)
-    np.testing.assert_allclose(replicas["xyz"][at_target.nonzero()], frames, atol=1e-6)
+    # Every replica's frames, in the same format; `train` takes the file as it takes `md` output.
+    pooled = data.load_positions(summary["all_replicas"], target=ad2)
+    pooled_meta = data.read_metadata(summary["all_replicas"])
+    assert pooled.shape == (18, 22, 3) and len(pooled_meta["split"]) == 18
+    kelvin = pooled_meta["frame_temperature_K"].reshape(6, 3)
+    assert all(sorted(row) == pytest.approx(sorted(config.temperatures_K)) for row in kelvin)
+    np.testing.assert_allclose(pooled_meta["energies_kT"], ad2.energy(pooled.astype(np.float64)).numpy(), rtol=1e-4, atol=1e-3)
+    # Each frame of the lowest-temperature file is the replica that sat at 300 K at that iteration.
+    at_target = np.isclose(kelvin.reshape(-1), 300)
+    np.testing.assert_allclose(pooled[at_target], frames, atol=1e-6)
+    # The split follows iterations: a frame's replicas share its time block.
+    np.testing.assert_array_equal(pooled_meta["split"].reshape(6, 3), np.repeat(meta["split"][:, None], 3, axis=1))
 
 
 def test_cli_replica_exchange(tmp_path, capsys):

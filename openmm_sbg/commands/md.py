@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="run replicas on a geometric temperature ladder; OUT holds the lowest (target) temperature's frames")
     exchange.add_argument("--t-max", type=float, default=600.0, help="highest temperature of the ladder, K (default 600)")
     exchange.add_argument("--n-replicas", type=int, default=8, help="temperatures in the ladder (default 8)")
-    exchange.add_argument("--all-replicas", action="store_true", help="also write every replica's frames and temperatures (OUT-all-replicas.npz)")
+    exchange.add_argument("--all-replicas", action="store_true", help="also write every replica's frames with their temperatures (OUT stem + -all-replicas, same format; `train` takes it)")
 
 
 def run(args: argparse.Namespace) -> dict:
