@@ -1,0 +1,111 @@
+"""Populations of conformational states from weighted samples, with error bars, and their free energies.
+
+A state is an integer label per sample (:func:`backbone_states` labels the phi/psi basins of a
+peptide's first residue). Populations are the normalised importance weights summed per state;
+their error bars come from independent repeats (:func:`combine_repeats`: SMC runs with
+different seeds) or, for independent proposals (importance sampling), from the bootstrap over
+proposals (:func:`bootstrap_populations`). Free-energy differences ``dF(A -> B) = -ln(p_B/p_A)``
+are in kT, with the delta-method error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: The backbone basins of alanine dipeptide-like residues, in the order of :func:`backbone_states`.
+BACKBONE_STATES = ("C7eq/beta", "alphaR", "alphaL/C7ax")
+BACKBONE_STATE_RULE = (
+    "alphaL/C7ax: 0 <= phi < 120 deg; otherwise alphaR: -120 <= psi < 50 deg; otherwise C7eq/beta "
+    "(C7eq, beta, PII; includes phi >= 120, the beta region across the periodic boundary)"
+)
+
+
+def backbone_states(phi_psi: np.ndarray) -> np.ndarray:
+    """Index into :data:`BACKBONE_STATES` of each ``(phi, psi)`` pair in radians, ``[T, 2] -> [T]``.
+
+    The left-handed side ``0 <= phi < 120 deg`` is alphaL/C7ax (the rare basin of alanine
+    dipeptide); the strip ``120 <= phi <= 180 deg`` continues the beta region across the
+    periodic boundary.
+    """
+    phi_psi = np.asarray(phi_psi)
+    if phi_psi.ndim != 2 or phi_psi.shape[1] != 2:
+        raise ValueError(f"expected (phi, psi) pairs of shape [T, 2] in radians, got shape {phi_psi.shape}")
+    phi, psi = np.degrees(phi_psi[:, 0]), np.degrees(phi_psi[:, 1])
+    left = (phi >= 0) & (phi < 120)
+    labels = np.zeros(len(phi), dtype=int)
+    labels[~left & (psi >= -120) & (psi < 50)] = 1
+    labels[left] = 2
+    return labels
+
+
+def _normalised_weights(n: int, log_weights) -> np.ndarray:
+    if log_weights is None:
+        return np.full(n, 1.0 / n)
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    if log_weights.shape != (n,):
+        raise ValueError(f"log_weights has shape {log_weights.shape}; expected one per sample, ({n},)")
+    if np.isnan(log_weights).any() or not np.isfinite(log_weights.max()):
+        raise ValueError("log_weights holds NaN or +inf, or no finite weight; check the sampler's energies")
+    weights = np.exp(log_weights - log_weights.max())
+    return weights / weights.sum()
+
+
+def _check_labels(labels, n_states: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array of state indices, got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= n_states:
+        raise ValueError(f"labels must lie in 0..{n_states - 1}, got {labels.min()}..{labels.max()}")
+    return labels
+
+
+def state_populations(labels, n_states: int, log_weights=None) -> np.ndarray:
+    """Weighted fraction of samples in each state, ``[n_states]`` (unweighted without ``log_weights``)."""
+    labels = _check_labels(labels, n_states)
+    return np.bincount(labels, weights=_normalised_weights(len(labels), log_weights), minlength=n_states)
+
+
+def bootstrap_populations(labels, n_states: int, log_weights=None, n_bootstrap: int = 500, seed: int = 0):
+    """Populations and their bootstrap standard errors, for independent samples (importance sampling).
+
+    Resamples the samples with replacement and recomputes the self-normalised populations, so
+    the error includes the weights' variance. Not for SMC particles after resampling, which
+    are correlated: use :func:`combine_repeats` over seeds.
+    """
+    labels = _check_labels(labels, n_states)
+    log_weights = np.zeros(len(labels)) if log_weights is None else np.asarray(log_weights, dtype=np.float64)
+    estimate = state_populations(labels, n_states, log_weights)
+    rng = np.random.default_rng(seed)
+    draws = np.empty((n_bootstrap, n_states))
+    for b in range(n_bootstrap):
+        pick = rng.integers(0, len(labels), len(labels))
+        draws[b] = state_populations(labels[pick], n_states, log_weights[pick])
+    return estimate, draws.std(axis=0, ddof=1)
+
+
+def combine_repeats(populations) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of the mean of independent repeats' populations, ``[R, n_states]``."""
+    populations = np.asarray(populations, dtype=np.float64)
+    if populations.ndim != 2 or len(populations) < 2:
+        raise ValueError(f"need two or more repeats of shape [R, n_states], got shape {populations.shape}")
+    return populations.mean(axis=0), populations.std(axis=0, ddof=1) / np.sqrt(len(populations))
+
+
+def free_energy_differences(populations, errors=None, reference: int = 0):
+    """``dF(reference -> s) = -ln(p_s / p_reference)`` in kT for every state ``s``, and delta-method errors.
+
+    A state with zero population gets ``+inf`` (never seen); errors treat the two populations
+    as independent, which overstates the error a little when they are anti-correlated.
+    """
+    p = np.asarray(populations, dtype=np.float64)
+    if p[reference] <= 0:
+        raise ValueError(f"the reference state {reference} has no population; choose a populated reference")
+    with np.errstate(divide="ignore"):
+        df = -np.log(p / p[reference])
+    if errors is None:
+        return df
+    e = np.asarray(errors, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df_err = np.hypot(e / p, e[reference] / p[reference])
+    df_err[reference] = 0.0
+    return df, df_err
