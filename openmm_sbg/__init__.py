@@ -10,8 +10,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use
-    from openmm_sbg import data, metrics, shipped, systems
+    from openmm_sbg import data, metrics, populations, shipped, systems
     from openmm_sbg.flow import TarFlow
+    from openmm_sbg.pipeline import PipelineConfig, run_pipeline
     from openmm_sbg.smc import SMCResult, SMCSampler
     from openmm_sbg.target import BoltzmannTarget
 
@@ -22,7 +23,10 @@ _LAZY = {
     "TarFlow": ("openmm_sbg.flow", "TarFlow"),
     "SMCSampler": ("openmm_sbg.smc", "SMCSampler"),
     "SMCResult": ("openmm_sbg.smc", "SMCResult"),
+    "PipelineConfig": ("openmm_sbg.pipeline", "PipelineConfig"),
+    "run_pipeline": ("openmm_sbg.pipeline", "run_pipeline"),
     "systems": ("openmm_sbg.systems", None),
+    "populations": ("openmm_sbg.populations", None),
     "metrics": ("openmm_sbg.metrics", None),
     "data": ("openmm_sbg.data", None),
     "shipped": ("openmm_sbg.shipped", None),

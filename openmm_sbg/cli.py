@@ -18,7 +18,7 @@ import sys
 from openmm_sbg import __version__
 from openmm_sbg.io import atomic_write_text
 
-SUBCOMMANDS = ["md", "train", "sample", "evaluate", "demo"]
+SUBCOMMANDS = ["md", "train", "sample", "evaluate", "run", "demo"]
 
 
 def _load(name: str):

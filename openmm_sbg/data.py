@@ -92,3 +92,22 @@ def check_atoms_match(topology: mdtraj.Topology, target) -> None:
                 f"atom {want.index} is {got} in the trajectory but {want} in the target; "
                 "atoms must be the same and in the same order (build both from the same PDB)"
             )
+
+
+def training_frames(paths, target=None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Training and validation frames of every file, concatenated, and where validation came from.
+
+    ``openmm-sbg md`` files (and replica-exchange files) give their train and val splits; any
+    other trajectory holds out its last 10% of frames.
+    """
+    train_parts, val_parts = [], []
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        if "split" in read_metadata(path):
+            train_parts.append(load_positions(path, target=target, split="train"))
+            val_parts.append(load_positions(path, target=target, split="val"))
+        else:
+            frames = load_positions(path, target=target)
+            n_val = max(1, len(frames) // 10)
+            train_parts.append(frames[:-n_val])
+            val_parts.append(frames[-n_val:])
+    return np.concatenate(train_parts), np.concatenate(val_parts), "each file's val split (or last 10% of frames)"

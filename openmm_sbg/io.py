@@ -1,8 +1,9 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written output behind."""
+"""Atomic file writes (a crash or Ctrl-C never leaves a half-written output behind) and reading them back."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -35,3 +36,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON document in ``path`` (settings and progress files written by :func:`atomic_write_text`)."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

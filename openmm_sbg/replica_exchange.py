@@ -30,7 +30,7 @@ from openmm import unit
 from tqdm.auto import tqdm
 
 from openmm_sbg.energy.openmm_backend import platform_by_name
-from openmm_sbg.io import atomic_write_text
+from openmm_sbg.io import atomic_write_text, read_json
 from openmm_sbg.md import MDConfig, split_labels, write_trajectory
 from openmm_sbg.target import BoltzmannTarget
 
@@ -109,8 +109,7 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
     total = config.equilibration_iterations + config.md.n_frames
 
     if os.path.exists(settings_file) and os.path.exists(storage):
-        with open(settings_file, encoding="utf-8") as handle:
-            saved = json.load(handle)
+        saved = read_json(settings_file)
         if saved != settings:
             raise ValueError(
                 f"{work} holds an interrupted run with other settings ({saved['config']}); delete that folder "

@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from openmm_sbg import shipped
-    from openmm_sbg.commands.evaluate import evaluate
-    from openmm_sbg.commands.sample import sample
+    from openmm_sbg.evaluation import evaluate
     from openmm_sbg.flow import TarFlow
+    from openmm_sbg.sampling import sample
     from openmm_sbg.smc import SMCResult
 
     os.makedirs(args.out_dir, exist_ok=True)

@@ -6,8 +6,6 @@ import argparse
 import dataclasses
 import os
 
-import numpy as np
-
 from openmm_sbg.commands.common import add_system_arguments, target_from_args
 
 HELP = "train a TarFlow proposal on MD frames; rerun the same command to resume an interrupted run"
@@ -69,7 +67,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     target = target_from_args(args)
-    train_positions, val_positions, held_out = _training_frames(args.data, target)
+    from openmm_sbg.data import training_frames
+
+    train_positions, val_positions, held_out = training_frames(args.data, target)
     config = get_preset(args.preset)
     if args.representation is not None:
         config = dataclasses.replace(config, representation=args.representation)
@@ -118,24 +118,6 @@ def run(args: argparse.Namespace) -> dict:
         "std_nm": flow.std,
         "com_std_nm": flow.com_std,
     }
-
-
-def _training_frames(paths: list[str], target):
-    """Training and validation frames of every file, concatenated, and where validation came from."""
-    from openmm_sbg import data
-
-    train_parts, val_parts = [], []
-    for path in paths:
-        if "split" in data.read_metadata(path):
-            train_parts.append(data.load_positions(path, target=target, split="train"))
-            val_parts.append(data.load_positions(path, target=target, split="val"))
-        else:
-            # Any other trajectory: its last 10% of frames are held out.
-            frames = data.load_positions(path, target=target)
-            n_val = max(1, len(frames) // 10)
-            train_parts.append(frames[:-n_val])
-            val_parts.append(frames[-n_val:])
-    return np.concatenate(train_parts), np.concatenate(val_parts), "each file's val split (or last 10% of frames)"
 
 
 def progress_path(args: argparse.Namespace) -> str:

@@ -1,0 +1,58 @@
+"""``openmm-sbg run``: data, training, sampling and evaluation for one molecule, in one resumable command."""
+
+from __future__ import annotations
+
+import argparse
+
+from openmm_sbg.commands.common import add_system_arguments, target_from_args
+
+HELP = "the whole workflow for one molecule: MD or replica exchange -> train -> sample -> evaluate; rerun to continue"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from openmm_sbg.flow import preset_names
+    from openmm_sbg.pipeline import DATA_SOURCES, PipelineConfig
+
+    defaults = PipelineConfig()
+    add_system_arguments(parser)
+    parser.add_argument("--folder", required=True, help="where every stage writes; rerunning with the same folder continues")
+    parser.add_argument("--data", choices=DATA_SOURCES, default=defaults.data,
+                        help="plain MD at the target temperature, or temperature replica exchange (for basins MD does not reach)")
+    parser.add_argument("--ns", type=float, default=defaults.ns, help=f"simulated ns (per replica) (default {defaults.ns:g})")
+    parser.add_argument("--frame-interval-ps", type=float, default=defaults.frame_interval_ps)
+    parser.add_argument("--t-max", type=float, default=defaults.t_max_K, help="replica exchange: highest temperature, K")
+    parser.add_argument("--n-replicas", type=int, default=defaults.n_replicas, help="replica exchange: temperatures in the ladder")
+    parser.add_argument("--preset", choices=preset_names(), default=defaults.preset, help="flow architecture")
+    parser.add_argument("--train-steps", type=int, default=defaults.training.steps, help="optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=defaults.training.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.training.lr)
+    parser.add_argument("--n-particles", type=int, default=defaults.n_particles)
+    parser.add_argument("--n-steps", type=int, default=defaults.n_steps, help="SMC annealing steps; 0 = importance sampling")
+    parser.add_argument("--kernel", choices=["mala", "ula"], default=defaults.kernel)
+    parser.add_argument("--sample-temperatures", type=float, nargs="*", default=[], metavar="K",
+                        help="also sample these temperatures from the same flow")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default="cpu", help="torch device of the flow")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from openmm_sbg.pipeline import PipelineConfig, run_pipeline
+
+    defaults = PipelineConfig()
+    config = PipelineConfig(
+        data=args.data, ns=args.ns, frame_interval_ps=args.frame_interval_ps, t_max_K=args.t_max,
+        n_replicas=args.n_replicas, preset=args.preset,
+        training=dataclasses.replace(defaults.training, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr),
+        n_particles=args.n_particles, n_steps=args.n_steps, kernel=args.kernel,
+        sample_temperatures_K=tuple(args.sample_temperatures), seed=args.seed,
+    )
+    return run_pipeline(target_from_args(args), args.folder, config, platform=args.platform, device=args.device,
+                        progress=not args.no_progress)
+
+
+def progress_path(args: argparse.Namespace) -> str:
+    """Every stage keeps its progress in the folder."""
+    return args.folder

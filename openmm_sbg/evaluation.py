@@ -1,0 +1,112 @@
+"""Evaluation of weighted samples against reference MD: ESS, E-W2, T-W2, chirality, plots.
+
+The library side of ``openmm-sbg evaluate``, used by the demo and :mod:`openmm_sbg.pipeline`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def evaluate(samples, reference_path: str, plots: str | None = None, all_frames: bool = False,
+             max_samples: int = 5000, seed: int = 0, target=None) -> dict:
+    """Metrics of an :class:`~openmm_sbg.smc.SMCResult` against a reference trajectory; the JSON summary.
+
+    Reference energies come from the file's ``energies_kT`` (``openmm-sbg md`` writes them)
+    or, failing that, from ``target`` (default: the built-in system named in the samples file).
+    """
+    from openmm_sbg import data, metrics, systems
+
+    traj = samples.to_mdtraj()
+    meta = data.read_metadata(reference_path)
+    split = "test" if "split" in meta and not all_frames else None
+    reference = data.load_trajectory(reference_path, top=traj.topology, split=split)
+    if [a.name for a in reference.topology.atoms] != [a.name for a in traj.topology.atoms]:
+        raise ValueError(
+            f"{reference_path} has {reference.n_atoms} atoms that differ from the samples' {traj.n_atoms}; "
+            "compare samples with MD of the same molecule"
+        )
+    if reference.n_frames == 0:
+        raise ValueError(f"{reference_path} has no {split or ''} frames; pass --all-frames or a longer reference")
+    frames = np.flatnonzero(meta["split"] == data.SPLIT_CODES["test"]) if split else slice(None)
+    if "energies_kT" in meta:
+        reference_energies = np.asarray(meta["energies_kT"])[frames]
+    else:
+        if target is None:
+            name = samples.info.get("system")
+            if name not in systems.names():
+                raise ValueError(
+                    f"{reference_path} stores no energies and the samples' system {name!r} is not built in; "
+                    "name the system (SYSTEM or --pdb ... --forcefield ...) to compute them"
+                )
+            target = systems.get(name)
+        reference_energies = target.energy(reference.xyz.astype(np.float64), allow_nonfinite=True).numpy()
+
+    weights = samples.weights
+    summary = {
+        "samples": samples.info.get("system"),
+        "n_samples": int(len(weights)),
+        "reference_frames": int(reference.n_frames),
+        "reference_split": split or "all",
+        "log_z": samples.log_z,
+        "ess": samples.ess,
+        "ess_of_saved_weights": metrics.effective_sample_size(samples.log_weights),
+        "energy_w2_kT": metrics.energy_w2(samples.energies, reference_energies, weights=weights),
+        "torus_w2": metrics.torus_w2(
+            metrics.backbone_dihedrals(traj), metrics.backbone_dihedrals(reference), weights=weights,
+            max_samples=max_samples, seed=seed,
+        ),
+        "wrong_chirality_fraction": metrics.wrong_chirality_fraction(traj, weights),
+        "reference_wrong_chirality_fraction": metrics.wrong_chirality_fraction(reference),
+    }
+    summary["states"] = state_summary(traj, reference, samples.log_weights, independent=independent_samples(samples))
+    if plots is not None:
+        summary["plots"] = [
+            metrics.ramachandran_plot(traj, reference, os.path.join(plots, "ramachandran.png"), weights=weights),
+            metrics.energy_histogram_plot(samples.energies, reference_energies, os.path.join(plots, "energy.png"), weights=weights),
+        ]
+    return summary
+
+
+def independent_samples(samples) -> bool:
+    """Whether a result holds independent weighted proposals: importance sampling set never to resample.
+
+    (At ``t = 1`` the sampler resamples when asked to, or when the ESS falls below the threshold.)
+    """
+    info = samples.info
+    return info.get("n_steps") == 0 and info.get("resample_at_end") is False and info.get("resample_threshold", 1) <= 0
+
+
+def state_summary(samples, reference, log_weights, independent: bool) -> dict | None:
+    """Backbone-state populations (:mod:`openmm_sbg.populations`) of the first residue with phi and psi.
+
+    Error bars are bootstrap errors when the samples are independent (importance sampling
+    that keeps its weights); SMC particles and resampled proposals are correlated, so their error bars need repeated seeds
+    (:func:`openmm_sbg.populations.combine_repeats`) and none is given here.
+    """
+    import mdtraj
+
+    from openmm_sbg import populations
+
+    angles = []
+    for traj in (samples, reference):
+        (_, phi), (_, psi) = mdtraj.compute_phi(traj), mdtraj.compute_psi(traj)
+        if phi.shape[1] == 0 or psi.shape[1] == 0:
+            return None  # not a peptide with a backbone residue
+        angles.append(np.stack([phi[:, 0], psi[:, 0]], axis=1))
+    labels = [populations.backbone_states(a) for a in angles]
+    n = len(populations.BACKBONE_STATES)
+    if independent:
+        pops, errors = populations.bootstrap_populations(labels[0], n, log_weights)
+        errors = errors.tolist()
+    else:
+        pops, errors = populations.state_populations(labels[0], n, log_weights), None
+    return {
+        "names": list(populations.BACKBONE_STATES),
+        "rule": populations.BACKBONE_STATE_RULE,
+        "samples": pops.tolist(),
+        "samples_bootstrap_error": errors,
+        "reference": populations.state_populations(labels[1], n).tolist(),
+    }

@@ -1,0 +1,245 @@
+"""The whole SBG workflow for one molecule in one resumable call: data, training, sampling, evaluation.
+
+What replaces ``simulation.step(n)`` for someone without a trained flow. Every stage writes
+into one folder and is skipped when its output exists; an interrupted stage resumes from its
+own checkpoint, so rerunning the same call (or ``openmm-sbg run`` command) continues.
+
+==========  ==============================================  ======================================
+stage       output (in the folder)                          an interrupted stage resumes from
+==========  ==============================================  ======================================
+data        ``data.h5`` (MD, or the lowest replica of        ``data.h5.work/``
+            replica exchange) + ``data-all-replicas.h5``
+train       ``flow.pt`` (marked complete)                    ``flow.pt`` (written every epoch)
+sample      ``samples-<T>K.h5`` per temperature              ``samples-<T>K.h5.ckpt``
+evaluate    ``summary.json``, ``plots/``                     (redone: seconds)
+==========  ==============================================  ======================================
+
+The flow trains on every replica's frames when the data come from replica exchange, so it
+proposes the basins only the hot replicas reach; the importance weights of the sampler give
+each temperature's exact populations. The first temperature sampled is the target's; the
+evaluation compares it with the held-out (test) split of ``data.h5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from openmm import unit
+
+from openmm_sbg.flow.training import TrainOptions
+from openmm_sbg.io import atomic_write_text, read_json
+from openmm_sbg.target import BoltzmannTarget
+
+DATA_SOURCES = ("md", "replica-exchange")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of :func:`run_pipeline`; stored in the folder, so a rerun must use the same.
+
+    Parameters
+    ----------
+    data
+        ``"md"`` (plain Langevin MD at the target temperature) or ``"replica-exchange"``
+        (a geometric temperature ladder up to ``t_max_K`` with ``n_replicas`` replicas).
+    ns
+        Simulated time to record (per replica for replica exchange).
+    frame_interval_ps
+        Time between frames (and between exchange attempts).
+    preset
+        Flow architecture (:func:`openmm_sbg.flow.preset_names`).
+    training
+        :class:`~openmm_sbg.flow.TrainOptions` of the maximum-likelihood fit.
+    n_particles, n_steps, kernel
+        Sampler settings (``n_steps=0``: importance sampling); see :class:`~openmm_sbg.smc.SMCSampler`.
+    sample_temperatures_K
+        Temperatures to sample besides the target's, from the same flow.
+    seed
+        Seed of the data, the training and the sampling.
+    """
+
+    data: str = "md"
+    ns: float = 20.0
+    frame_interval_ps: float = 1.0
+    t_max_K: float = 600.0
+    n_replicas: int = 8
+    preset: str = "ad2-small"
+    training: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=3000, batch_size=256, lr=1e-3))
+    n_particles: int = 2000
+    n_steps: int = 50
+    kernel: str = "mala"
+    sample_temperatures_K: tuple[float, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"data must be one of {DATA_SOURCES}, got {self.data!r}")
+        if self.ns <= 0 or self.frame_interval_ps <= 0:
+            raise ValueError("ns and frame_interval_ps must be positive")
+        object.__setattr__(self, "sample_temperatures_K", tuple(float(t) for t in self.sample_temperatures_K))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def run_pipeline(
+    target: BoltzmannTarget,
+    folder: str | os.PathLike,
+    config: PipelineConfig | None = None,
+    platform: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Run (or continue) data -> train -> sample -> evaluate for ``target`` in ``folder``.
+
+    Returns the summary also written to ``folder/summary.json``: each stage's wall-clock (and
+    whether it ran in this call), the training record, and per temperature the ESS, log Z and
+    backbone-state populations, with E-W2 / T-W2 against the held-out MD at the target's.
+    """
+    config = config or PipelineConfig()
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    _check_settings(folder, target, config)
+    stages = {}
+    stages["data"] = _stage(folder, "data", lambda: _make_data(target, folder, config, platform, progress))
+    stages["train"] = _stage(folder, "train", lambda: _train(target, folder, config, device, progress))
+    flow_path = os.path.join(folder, "flow.pt")
+    samples = {}
+    for kelvin in _temperatures(target, config):
+        name = f"sample-{kelvin:g}K"
+        stages[name] = _stage(folder, name, lambda k=kelvin: _sample(target, flow_path, folder, k, config, device, progress))
+        samples[kelvin] = stages[name]["result"]["out"]
+    start = time.perf_counter()
+    evaluation = _evaluate(target, folder, samples)
+    stages["evaluate"] = {"seconds": time.perf_counter() - start, "ran_now": True}
+    summary = {
+        "system": target.name,
+        "folder": os.path.abspath(folder),
+        "config": config.to_dict(),
+        "wall_clock_s": {name: stage["seconds"] for name, stage in stages.items()},
+        "ran_now": [name for name, stage in stages.items() if stage["ran_now"]],
+        "data": stages["data"]["result"],
+        "training": stages["train"]["result"],
+        "temperatures": evaluation,
+    }
+    atomic_write_text(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- stages
+def _stage(folder: str, name: str, work) -> dict:
+    """Run ``work`` unless its record ``folder/stages/<name>.json`` exists; the record holds its result and wall-clock."""
+    record = os.path.join(folder, "stages", f"{name}.json")
+    if os.path.exists(record):
+        return {**read_json(record), "ran_now": False}
+    start = time.perf_counter()
+    result = work()
+    done = {"result": result, "seconds": time.perf_counter() - start}
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    atomic_write_text(record, json.dumps(done, indent=1, default=float))
+    return {**done, "ran_now": True}
+
+
+def _check_settings(folder: str, target: BoltzmannTarget, config: PipelineConfig) -> None:
+    path = os.path.join(folder, "pipeline.json")
+    settings = {"system": target.name, "n_atoms": target.n_atoms, "temperature_K": _kelvin(target), "config": config.to_dict()}
+    if os.path.exists(path):
+        if read_json(path) != settings:
+            raise ValueError(
+                f"{folder} holds a run with other settings ({path}); rerun with the same settings to continue it, "
+                "or use another folder"
+            )
+        return
+    atomic_write_text(path, json.dumps(settings, indent=1))
+
+
+def _kelvin(target: BoltzmannTarget) -> float:
+    return float(target.temperature.value_in_unit(unit.kelvin))
+
+
+def _temperatures(target: BoltzmannTarget, config: PipelineConfig) -> list[float]:
+    first = _kelvin(target)
+    return [first, *[t for t in config.sample_temperatures_K if t != first]]
+
+
+def _make_data(target, folder, config: PipelineConfig, platform, progress) -> dict:
+    from openmm_sbg.md import MDConfig, run_md
+
+    steps_per_frame = round(config.frame_interval_ps * 1000)
+    md = MDConfig(n_frames=max(1, round(config.ns * 1000 / config.frame_interval_ps)), steps_per_frame=steps_per_frame, seed=config.seed)
+    out = os.path.join(folder, "data.h5")
+    if config.data == "md":
+        return run_md(target, out, md, platform=platform, progress=progress)
+    from openmm_sbg.replica_exchange import ReplicaExchangeConfig, geometric_ladder, run_replica_exchange
+
+    ladder = geometric_ladder(_kelvin(target), config.t_max_K, config.n_replicas)
+    return run_replica_exchange(
+        target, out, ReplicaExchangeConfig(md=md, temperatures_K=ladder), platform=platform or "Reference",
+        all_replicas=True, progress=progress,
+    )
+
+
+def _train(target, folder, config: PipelineConfig, device, progress) -> dict:
+    from openmm_sbg.data import training_frames
+    from openmm_sbg.flow import TarFlow, train
+
+    files = [os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")]
+    path = os.path.join(folder, "flow.pt")
+    flow = TarFlow.load(path) if os.path.exists(path) else None
+    if flow is None or not flow.metadata.get("complete"):  # a finished fit is kept, an unfinished one resumed
+        train_positions, val_positions, _ = training_frames(files, target)
+        flow = train(
+            train_positions, val_positions, target=target, config=config.preset,
+            options=dataclasses.replace(config.training, seed=config.seed), checkpoint_path=path, device=device,
+            progress=progress, metadata={"data": files, "preset": config.preset},
+        )
+    record = flow.metadata
+    return {
+        "flow": path,
+        "n_train": record["n_train"],
+        "steps": record["steps"],
+        "selected_step": record["selected_step"],
+        "val_nll_per_dim": record["val_nll_per_dim"],
+        "train_seconds": record["train_seconds"],
+    }
+
+
+def _sample(target, flow_path, folder, kelvin, config: PipelineConfig, device, progress) -> dict:
+    from openmm_sbg.flow import TarFlow
+    from openmm_sbg.sampling import sample
+
+    at_temperature = BoltzmannTarget(
+        target.system, target.topology, kelvin * unit.kelvin, positions=target.positions, name=target.name,
+        backend=target.backend,
+    )
+    flow = TarFlow.load(flow_path, target=at_temperature, map_location=device)
+    out = os.path.join(folder, f"samples-{kelvin:g}K.h5")
+    return sample(
+        at_temperature, flow, out, seed=config.seed, n_particles=config.n_particles, n_steps=config.n_steps,
+        kernel=config.kernel, progress=progress,
+        # Weighted samples estimate populations best; importance sampling keeps its independent proposals.
+        resample_at_end=False, **({"resample_threshold": 0.0} if config.n_steps == 0 else {}),
+    )
+
+
+def _evaluate(target, folder, samples: dict) -> dict:
+    from openmm_sbg.evaluation import evaluate, independent_samples, state_summary
+    from openmm_sbg.smc import SMCResult
+
+    reference = os.path.join(folder, "data.h5")
+    results = {}
+    for index, (kelvin, path) in enumerate(samples.items()):
+        result = SMCResult.load(path)
+        if index == 0:
+            metrics = evaluate(result, reference, plots=os.path.join(folder, "plots"), target=target)
+        else:  # no reference at this temperature: the estimates themselves
+            traj = result.to_mdtraj()
+            metrics = {"log_z": result.log_z, "ess": result.ess,
+                       "states": state_summary(traj, traj[:1], result.log_weights, independent_samples(result))}
+            if metrics["states"] is not None:
+                metrics["states"].pop("reference")
+        results[f"{kelvin:g}"] = {**metrics, "samples_file": path}
+    return results

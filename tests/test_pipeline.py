@@ -1,0 +1,84 @@
+"""`openmm-sbg run` / run_pipeline end to end on a tiny budget: stages skipped, interrupted and resumed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from openmm_sbg import cli, pipeline, sampling
+from openmm_sbg.flow import TrainOptions
+from openmm_sbg.smc import SMCResult
+
+TINY = dict(ns=0.004, frame_interval_ps=0.02, training=TrainOptions(steps=4, batch_size=16, lr=1e-3),
+            n_particles=48, n_steps=0, sample_temperatures_K=(350,))
+
+
+def test_interrupted_pipeline_resumes_without_redoing_finished_stages(ad2, tmp_path, monkeypatch):
+    config = pipeline.PipelineConfig(**TINY)
+    calls = {"sample": 0}
+    real_sample = sampling.sample
+
+    def interrupted_once(*args, **kwargs):
+        calls["sample"] += 1
+        if calls["sample"] == 1:
+            raise KeyboardInterrupt  # as Ctrl-C during the first sampling stage
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(ad2, tmp_path, config, platform="Reference", progress=False)
+    assert (tmp_path / "data.h5").exists() and (tmp_path / "flow.pt").exists()
+    assert not (tmp_path / "summary.json").exists()
+
+    summary = pipeline.run_pipeline(ad2, tmp_path, config, platform="Reference", progress=False)
+    assert summary["ran_now"] == ["sample-300K", "sample-350K", "evaluate"]
+    assert calls["sample"] == 3
+    assert summary["training"]["steps"] == 4 and summary["data"]["frames"] == 200
+    at_300, at_350 = summary["temperatures"]["300"], summary["temperatures"]["350"]
+    for result in (at_300, at_350):
+        assert result["states"]["samples"] == pytest.approx(np.array(result["states"]["samples"]))
+        assert sum(result["states"]["samples"]) == pytest.approx(1.0)
+        assert np.isfinite(result["log_z"]) and 0 < result["ess"] <= 1
+    # Importance sampling: bootstrap error bars; the reference is the held-out MD at 300 K only.
+    assert len(at_300["states"]["samples_bootstrap_error"]) == 3 and "reference" not in at_350["states"]
+    assert at_300["reference_split"] == "test" and np.isfinite(at_300["energy_w2_kT"])
+    # Temperature transfer: the same proposals (same seed), reweighted with the energy at 350 K
+    # (clipping the largest weights may drop a different proposal at each temperature).
+    cold, hot = SMCResult.load(at_300["samples_file"]), SMCResult.load(at_350["samples_file"])
+    row_of = {x.tobytes(): i for i, x in enumerate(cold.positions)}
+    pairs = np.array([(row_of[x.tobytes()], j) for j, x in enumerate(hot.positions) if x.tobytes() in row_of])
+    assert len(pairs) >= len(hot.positions) - 2
+    c, h = pairs[:, 0], pairs[:, 1]
+    np.testing.assert_allclose(hot.energies[h] * 350, cold.energies[c] * 300, rtol=1e-9)
+    shift = (hot.log_weights[h] - cold.log_weights[c]) - (cold.energies[c] - hot.energies[h])
+    np.testing.assert_allclose(shift, shift[0], atol=1e-8)
+    assert json.loads((tmp_path / "summary.json").read_text())["ran_now"] == summary["ran_now"]
+
+    # A third call redoes only the evaluation.
+    again = pipeline.run_pipeline(ad2, tmp_path, config, platform="Reference", progress=False)
+    assert again["ran_now"] == ["evaluate"]
+    assert again["temperatures"]["300"]["log_z"] == summary["temperatures"]["300"]["log_z"]
+
+
+def test_a_folder_with_other_settings_is_refused(ad2, tmp_path):
+    (tmp_path / "pipeline.json").write_text(json.dumps({"system": "ad2", "config": {"ns": 1}}))
+    with pytest.raises(ValueError, match="other settings"):
+        pipeline.run_pipeline(ad2, tmp_path, pipeline.PipelineConfig(**TINY), progress=False)
+
+
+def test_bad_data_source_is_refused():
+    with pytest.raises(ValueError, match="replica-exchange"):
+        pipeline.PipelineConfig(data="metadynamics")
+
+
+@pytest.mark.slow
+def test_run_command_with_replica_exchange(tmp_path, capsys):
+    argv = ["run", "ad2", "--folder", str(tmp_path), "--data", "replica-exchange", "--n-replicas", "2", "--t-max", "330",
+            "--ns", "0.004", "--frame-interval-ps", "0.02", "--train-steps", "3", "--batch-size", "16",
+            "--n-particles", "32", "--n-steps", "2", "--platform", "Reference", "--no-progress"]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["data"]["exchange_acceptance"] and summary["training"]["n_train"] == 320  # both replicas' frames
+    assert summary["temperatures"]["300"]["states"]["samples_bootstrap_error"] is None  # SMC: errors need seeds
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["ran_now"] == ["evaluate"]
