@@ -19,13 +19,12 @@ single-process format: a run interrupted with one number of processes resumes wi
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 import torch.distributed as dist
 
 from openmm_sbg.distributed.fast_paths import FastFlow
-from openmm_sbg.flow.model import TarFlow
+from openmm_sbg.flow.model import SAMPLE_BATCH_SIZE, TarFlow
 from openmm_sbg.smc.driver import SMCSampler
 from openmm_sbg.smc.kernels import PathState
 from openmm_sbg.smc.proposal import draw_proposals
@@ -76,7 +75,7 @@ def _unpack(packed: torch.Tensor, like: PathState) -> PathState:
 class ShardedState:
     """Particles split over processes: this process's rows plus the energies of all of them.
 
-    Stands in for :class:`~openmm_sbg.smc.PathState` as ``run["state"]`` of the driver, which
+    Stands in for :class:`~openmm_sbg.smc.PathState` as ``SMCRun.state`` of the driver, which
     reads the global ``e_source`` and ``e_target`` and selects particles by global index.
 
     Parameters
@@ -157,14 +156,13 @@ def _draw_rows(flow, n: int, batch_size: int, generator: torch.Generator, start:
         flow = flow.flow
     if not isinstance(flow, TarFlow):
         return draw_proposals(flow, n, batch_size, generator)[start:stop]
-    # TarFlow.sample draws its noise in chunks of its batch_size; follow the same chunks.
-    sample_chunk = inspect.signature(flow.sample).parameters["batch_size"].default
+    # TarFlow.sample draws its noise in chunks of SAMPLE_BATCH_SIZE; follow the same chunks.
     rows = []
     for call_start in range(0, n, batch_size):
         call_count = min(batch_size, n - call_start)
-        for offset in range(0, call_count, sample_chunk):
+        for offset in range(0, call_count, SAMPLE_BATCH_SIZE):
             first = call_start + offset
-            latents = flow.draw_latents(min(sample_chunk, call_count - offset), generator)
+            latents = flow.draw_latents(min(SAMPLE_BATCH_SIZE, call_count - offset), generator)
             lo, hi = max(start, first) - first, min(stop, first + len(latents)) - first
             if lo < hi:
                 rows.append(flow.from_latents(latents[lo:hi])[0].to(dtype=torch.float64, device="cpu"))
@@ -184,7 +182,7 @@ class ShardedSMCSampler(SMCSampler):
     most one particle), but must be at least that number.
     """
 
-    def __init__(self, target, flow, n_particles: int, n_steps: int, *, progress: bool = True, **kwargs):
+    def __init__(self, target, flow, n_particles: int, n_steps: int, **options):
         if not dist.is_initialized():
             raise RuntimeError(
                 "ShardedSMCSampler needs a torch.distributed process group; launch with torchrun and call "
@@ -196,7 +194,7 @@ class ShardedSMCSampler(SMCSampler):
                 f"{n_particles} particles cannot be split over {self.world_size} processes; use at least "
                 f"{self.world_size} particles or fewer processes (torchrun --nproc-per-node)"
             )
-        super().__init__(target, flow, n_particles, n_steps, progress=progress and self.rank == 0, **kwargs)
+        super().__init__(target, flow, n_particles, n_steps, **options)
 
     def physical_energy(self, state: PathState | ShardedState) -> torch.Tensor:
         """``E_T`` (kT) without the CoM term; for a :class:`ShardedState`, of all particles (collective)."""
@@ -204,51 +202,36 @@ class ShardedSMCSampler(SMCSampler):
             return all_gather_rows(super().physical_energy(state.local), state.sizes)
         return super().physical_energy(state)
 
-    def _start(self, seed: int) -> dict:
-        # Draw and evaluate this process's proposals, then hand the run to the driver's own
-        # bookkeeping, which sees the global energies through the ShardedState.
-        flow_generator, generator = self._generators(seed)
-        sizes = split_sizes(self.n_particles, self.world_size)
-        x = _draw_rows(self.flow, self.n_particles, self.batch_size, flow_generator, *_span(sizes, self.rank))
-        state = ShardedState(self.potential(x, need_grad=self.schedule is not None), sizes)
-        return self._initial_run(seed, state, generator)
-
-    def _move(self, run: dict, t: float, step_size: float, generator: torch.Generator) -> tuple[float, int]:
-        state: ShardedState = run["state"]
-        start, stop = state.span
-        acceptance = []
-        for _ in range(self.n_mcmc_steps):
-            alive = torch.isfinite(run["log_w"]).nonzero().squeeze(1)  # global indices
-            # The same draws as one process (all alive particles at once); keep this process's rows.
-            noise = torch.randn((len(alive), *state.local.x.shape[1:]), dtype=torch.float64, generator=generator)
-            uniform = torch.rand(len(alive), dtype=torch.float64, generator=generator)
-            mine = (alive >= start) & (alive < stop)
-            local_alive = alive[mine] - start
-            noise, uniform = noise[mine], uniform[mine]
-            moved, mine_acceptance = self._apply_kernel(state.local.select(local_alive), t, step_size, noise, uniform)
-            if moved is not None:
-                state.local.assign(local_alive, moved)
-            state.refresh()
-            alive_sizes = [int(((alive >= lo) & (alive < hi)).sum()) for lo, hi in (_span(state.sizes, r) for r in range(self.world_size))]
-            acceptance.append(all_gather_rows(mine_acceptance.to(torch.float64), alive_sizes))
-            finite = torch.isfinite(state.e_source) & torch.isfinite(state.e_target)
-            run["log_w"] = torch.where(finite, run["log_w"], torch.full_like(run["log_w"], -torch.inf))
-        return float(torch.cat(acceptance).mean()), len(alive)
-
-    def _result(self, run: dict, seed: int, seconds: float) -> SMCResult:
-        result = super()._result({**run, "state": run["state"].gather()}, seed, seconds)
+    def _result(self, run, seconds: float) -> SMCResult:
+        result = super()._result(run, seconds)
         result.info["n_processes"] = self.world_size
         return result
 
-    def _save_checkpoint(self, run: dict) -> None:
-        # The single-process format (all particles), so a run may resume with any number of processes.
-        if self.checkpoint_path is None:
-            return
-        full = {**run, "state": run["state"].gather()}  # collective: every process takes part
-        if self.rank == 0:
-            super()._save_checkpoint(full)
+    # The driver's hooks: each process draws, evaluates and moves its own slice; the driver's
+    # bookkeeping sees the global energies through the ShardedState.
+    def _draw_state(self, flow_generator: torch.Generator) -> ShardedState:
+        sizes = split_sizes(self.options.n_particles, self.world_size)
+        start, stop = _span(sizes, self.rank)
+        x = _draw_rows(self.flow, self.options.n_particles, self.options.batch_size, flow_generator, start, stop)
+        return ShardedState(self.potential(x, need_grad=not self.importance_sampling), sizes)
 
-    def _load_checkpoint(self, seed: int) -> dict:
-        run = super()._load_checkpoint(seed)
-        run["state"] = ShardedState.scatter(run["state"])
-        return run
+    def _distribute(self, state: PathState) -> ShardedState:
+        return ShardedState.scatter(state)
+
+    def _gather(self, state: ShardedState) -> PathState:
+        return state.gather()
+
+    def _local_rows(self, state: ShardedState, alive: torch.Tensor) -> tuple[PathState, torch.Tensor, torch.Tensor]:
+        start, stop = state.span
+        mine = (alive >= start) & (alive < stop)
+        return state.local, alive[mine] - start, mine
+
+    def _after_move(self, state: ShardedState, alive: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
+        state.refresh()
+        spans = (_span(state.sizes, rank) for rank in range(self.world_size))
+        alive_sizes = [int(((alive >= lo) & (alive < hi)).sum()) for lo, hi in spans]
+        return all_gather_rows(acceptance.to(torch.float64), alive_sizes)
+
+    @property
+    def _writes_output(self) -> bool:
+        return self.rank == 0

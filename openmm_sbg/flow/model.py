@@ -25,13 +25,27 @@ from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.representations import make_representation
 from openmm_sbg.flow.zmatrix import ZMatrix
 
+#: Samples :meth:`TarFlow.sample` inverts at a time unless told otherwise; a caller that
+#: draws latents itself follows these chunks to consume the generator as ``sample`` does.
+SAMPLE_BATCH_SIZE = 4096
+
 
 class KVCache:
-    """Keys and values of one transformer layer for positions filled so far."""
+    """Keys and values of one transformer layer for the positions filled so far.
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
-        self.keys = like.new_empty(batch, heads, length, head_dim)
-        self.values = like.new_empty(batch, heads, length, head_dim)
+    Grown by concatenation rather than written in place, so that autograd can differentiate
+    through the inverse (reverse-KL refinement backpropagates through sampling).
+    """
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' keys and values ``[B, H, T, D]``; return all of them."""
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
+        self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
 
 
 class CausalSelfAttention(nn.Module):
@@ -50,11 +64,9 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            end = position + length
-            cache.keys[:, :, position:end] = k
-            cache.values[:, :, position:end] = v
+            keys, values = cache.extend(k, v)
             # One new query sees every cached position, so no mask is needed.
-            y = F.scaled_dot_product_attention(q, cache.keys[:, :, :end], cache.values[:, :, :end])
+            y = F.scaled_dot_product_attention(q, keys, values)
         return self.out(y.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -126,7 +138,7 @@ class AutoregressiveAffine(nn.Module):
             z = z.flip(1)
         batch, tokens, _ = z.shape
         width = self.position.shape[1]
-        caches = [KVCache(batch, self.heads, tokens - 1, width // self.heads, z) for _ in self.layers]
+        caches = [KVCache() for _ in self.layers]
         x = [z[:, :1]]
         log_det = z.new_zeros(batch)
         for i in range(1, tokens):
@@ -323,7 +335,7 @@ class TarFlow(nn.Module):
         return x, _standard_normal_log_prob(z) - log_det
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = SAMPLE_BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``n`` configurations and their ``log q`` in one pass.
 
         Parameters

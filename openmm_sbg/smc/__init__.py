@@ -1,6 +1,7 @@
 """Sequential Monte Carlo: flow proposals annealed to the target (the "S" in SBG).
 
-The driver :class:`SMCSampler` composes small functions a user can swap:
+The driver :class:`SMCSampler`, whose settings are one frozen :class:`SMCOptions`
+(:mod:`.options`), composes small functions a user can swap:
 
 - proposals and the CoM adjustment (:mod:`.proposal`),
 - filters and Jarzynski weights (:mod:`.weights`),
@@ -16,8 +17,9 @@ Example
 >>> result.save("samples.h5")             # doctest: +SKIP
 """
 
-from openmm_sbg.smc.driver import DEFAULT_STEP_SIZE, SMCSampler
+from openmm_sbg.smc.driver import SMCSampler
 from openmm_sbg.smc.kernels import KernelInfo, PathState, adapt_step_size, mala_step, ula_step
+from openmm_sbg.smc.options import DEFAULT_STEP_SIZE, SMCOptions
 from openmm_sbg.smc.proposal import GaussianProposal, com_energy, com_log_density, source_energy
 from openmm_sbg.smc.resampling import multinomial, systematic
 from openmm_sbg.smc.result import SMCResult
@@ -33,6 +35,7 @@ from openmm_sbg.smc.weights import (
 __all__ = [
     "DEFAULT_STEP_SIZE",
     "SMCSampler",
+    "SMCOptions",
     "SMCResult",
     "GaussianProposal",
     "PathState",

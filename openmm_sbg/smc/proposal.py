@@ -35,6 +35,8 @@ from typing import Protocol
 import torch
 
 COM_ADJUSTMENTS = ("chi3", "gaussian", "none")
+#: The CoM density every sampler and move of the package uses unless told otherwise.
+DEFAULT_COM_ADJUSTMENT = "chi3"
 
 
 class Proposal(Protocol):
@@ -50,7 +52,7 @@ class Proposal(Protocol):
     def energy(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-def com_log_density(x: torch.Tensor, com_std: float | None, kind: str = "chi3") -> torch.Tensor:
+def com_log_density(x: torch.Tensor, com_std: float | None, kind: str = DEFAULT_COM_ADJUSTMENT) -> torch.Tensor:
     """``log rho(c)`` per configuration, ``c`` the unweighted mean of the positions ``x [B, N, 3]``.
 
     See the module docstring for ``kind``. Differentiable in ``x``.
@@ -107,7 +109,7 @@ def source_energy(flow: Proposal, x: torch.Tensor, need_grad: bool = True) -> tu
 
 
 def com_energy(
-    x: torch.Tensor, com_std: float | None, kind: str = "chi3", need_grad: bool = True
+    x: torch.Tensor, com_std: float | None, kind: str = DEFAULT_COM_ADJUSTMENT, need_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``-log rho(c)`` in kT (added to the target's energy on the path) and its gradient."""
     return _energy_and_grad(lambda y: -com_log_density(y, com_std, kind), x, need_grad)

@@ -1,0 +1,74 @@
+"""SMCRun: the whole state of an SMC run between two steps, and its checkpoint form."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+
+from openmm_sbg.smc.kernels import PathState
+
+
+class StepRecord(NamedTuple):
+    """What one annealing step reports; its fields are the keys of ``SMCResult.diagnostics``."""
+
+    t: float
+    ess: float  # before any resampling
+    acceptance: float
+    resampled: bool
+    step_size: float  # the one the step's moves used
+    n_alive: int
+    log_z: float  # running estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalCounts:
+    """How many proposals were drawn and how many each filter kept (reported in ``SMCResult.info``)."""
+
+    n_proposals: int
+    n_finite: int
+    n_after_energy_cutoff: int
+    n_kept: int
+    ess_proposals: float
+
+
+@dataclasses.dataclass
+class SMCRun:
+    """The state of a run: particles, weights, the log Z bookkeeping, random state and records.
+
+    ``state`` is a :class:`~openmm_sbg.smc.PathState` (or anything that stands in for one,
+    as the sharded sampler's state does); everything else is plain numbers and tensors, so
+    :meth:`to_dict` is what a checkpoint stores and ``torch.load(weights_only=True)`` reads.
+    """
+
+    seed: int
+    state: PathState
+    log_w: torch.Tensor
+    #: Denominator of the current resampling epoch's mean weight.
+    n_norm: int
+    step_size: float
+    #: State of the CPU generator behind the noise, resampling and acceptance tests.
+    generator: torch.Tensor
+    counts: ProposalCounts
+    step: int = 0
+    t: float = 0.0
+    #: log Z accumulated over completed resampling epochs.
+    log_z_offset: float = 0.0
+    diagnostics: dict[str, list] = dataclasses.field(default_factory=lambda: {key: [] for key in StepRecord._fields})
+    #: ESS and log Z of the weights at t = 1, before the final resampling.
+    final_ess: float | None = None
+    final_log_z: float | None = None
+
+    def record(self, step: StepRecord) -> None:
+        for key, value in step._asdict().items():
+            self.diagnostics[key].append(value)
+
+    def to_dict(self) -> dict:
+        """Plain dicts, lists, numbers and tensors (``state`` must be a PathState)."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**values, "state": dataclasses.asdict(self.state), "counts": dataclasses.asdict(self.counts)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SMCRun:
+        return cls(**{**values, "state": PathState(**values["state"]), "counts": ProposalCounts(**values["counts"])})
