@@ -10,6 +10,8 @@ are in kT, with the delta-method error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 #: The backbone basins of alanine dipeptide-like residues, in the order of :func:`backbone_states`.
@@ -109,3 +111,24 @@ def free_energy_differences(populations, errors=None, reference: int = 0):
         df_err = np.hypot(e / p, e[reference] / p[reference])
     df_err[reference] = 0.0
     return df, df_err
+
+
+def backbone_state_labeller(topology) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from positions ``[B, N, 3]`` (nm) to :func:`backbone_states` of the first residue with phi and psi.
+
+    ``topology`` is an OpenMM or mdtraj Topology of a peptide (standard atom names).
+    """
+    import mdtraj
+
+    top = topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
+    probe = mdtraj.Trajectory(np.zeros((1, top.n_atoms, 3), dtype=np.float32), top)
+    (phi, _), (psi, _) = mdtraj.compute_phi(probe), mdtraj.compute_psi(probe)
+    if len(phi) == 0 or len(psi) == 0:
+        raise ValueError("the topology has no residue with both phi and psi; backbone states need a peptide")
+    quartets = np.stack([phi[0], psi[0]])
+
+    def labels(positions: np.ndarray) -> np.ndarray:
+        traj = mdtraj.Trajectory(np.asarray(positions, dtype=np.float32), top)
+        return backbone_states(mdtraj.compute_dihedrals(traj, quartets))
+
+    return labels

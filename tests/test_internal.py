@@ -3,11 +3,11 @@
 import math
 
 import numpy as np
-import openmm
 import pytest
 import torch
-from openmm import app, unit
+from openmm import unit
 from scipy import integrate
+from toy_molecules import carbon_chain
 
 from openmm_sbg import BoltzmannTarget, systems
 from openmm_sbg.flow import FlowConfig, TarFlow, train
@@ -60,7 +60,7 @@ def test_ring_closing_bonds_are_implied():
     x = jittered(target, 2, scale=0.003)
     q, centre = zmatrix.to_internal(x)
     back = zmatrix.to_cartesian(q, centre, zmatrix.orientation(x))
-    lengths = lambda y: (y[:, bonds[:, 0]] - y[:, bonds[:, 1]]).norm(dim=-1)  # noqa: E731
+    lengths = lambda y: (y[:, bonds[:, 0]] - y[:, bonds[:, 1]]).norm(dim=-1)
     torch.testing.assert_close(lengths(back), lengths(x), atol=1e-10, rtol=0)
 
 
@@ -137,20 +137,7 @@ def test_internal_flow_needs_the_molecule_and_its_rigid_body_noise():
 # ------------------------------------------------------------------ a molecule with a known Z
 def _chain_target():
     """Five atoms in a chain with harmonic bonds and angles only: Z factorises over them."""
-    topology = app.Topology()
-    residue = topology.addResidue("CHN", topology.addChain())
-    atoms = [topology.addAtom(f"C{i}", app.element.carbon, residue) for i in range(5)]
-    system = openmm.System()
-    bonds, angles = openmm.HarmonicBondForce(), openmm.HarmonicAngleForce()
-    for i in range(5):
-        system.addParticle(12.0)
-    for i in range(4):
-        topology.addBond(atoms[i], atoms[i + 1])
-        bonds.addBond(i, i + 1, 0.15, 200_000.0)
-    for i in range(3):
-        angles.addAngle(i, i + 1, i + 2, 1.9, 300.0)
-    system.addForce(bonds)
-    system.addForce(angles)
+    topology, system = carbon_chain(5, "CHN")
     target = BoltzmannTarget(system, topology, 300 * unit.kelvin, name="chain")
     beta = 1 / target.kT
     bond_z = integrate.quad(lambda b: b**2 * math.exp(-beta * 100_000.0 * (b - 0.15) ** 2), 0.1, 0.2, epsabs=0, epsrel=1e-12)[0]

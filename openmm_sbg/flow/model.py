@@ -57,8 +57,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
-        """Attend over ``h`` ``[B, T, W]``; with ``cache``, ``h`` holds positions ``position..``."""
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Attend over ``h`` ``[B, T, W]``; with ``cache``, ``h`` holds the positions after the cached ones."""
         batch, length, width = h.shape
         q, k, v = self.qkv(h).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         if cache is None:
@@ -80,8 +80,8 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
-        h = h + self.attention(self.norm1(h), cache, position)
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        h = h + self.attention(self.norm1(h), cache)
         return h + self.mlp(self.norm2(h))
 
 
@@ -118,7 +118,7 @@ class AutoregressiveAffine(nn.Module):
         """Transformer outputs for inputs at ``position..``: the parameters of the next tokens."""
         h = self.proj_in(x) + self.position[position : position + x.shape[1]]
         for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
-            h = layer(h, cache, position)
+            h = layer(h, cache)
         log_scale, shift = self.proj_out(self.norm(h)).chunk(2, dim=-1)
         return shift, log_scale
 
@@ -137,7 +137,6 @@ class AutoregressiveAffine(nn.Module):
         if self.reverse:
             z = z.flip(1)
         batch, tokens, _ = z.shape
-        width = self.position.shape[1]
         caches = [KVCache() for _ in self.layers]
         x = [z[:, :1]]
         log_det = z.new_zeros(batch)

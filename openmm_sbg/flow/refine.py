@@ -1,0 +1,340 @@
+"""Energy-aware refinement of a trained TarFlow: from the MD data's quality towards the force field's.
+
+Maximum likelihood on MD frames never sees the force field; refinement continues from a
+trained flow and fits it to the Boltzmann distribution itself. Two objectives
+(:attr:`RefineOptions.objective`), each mixed with the MD data's likelihood (``data_weight``):
+
+``"weighted-ml"`` (default): importance-weighted maximum likelihood with a replay buffer, the
+    bootstrap of flow annealed importance sampling (FAB) with plain importance sampling in
+    place of AIS. Every ``refresh_every`` steps the EMA flow proposes
+    ``proposals_per_refresh`` configurations scored with the target energy; the buffer keeps
+    the last ``buffer_refreshes`` of these sets with their weights ``p / q_old``; each step
+    fits the flow to a batch resampled from the buffer by weight. This is the forward
+    KL(p || q): mass-covering, so it moves mass between the basins the flow proposes instead
+    of collapsing onto one, and it needs no force.
+``"reverse-kl"``: KL(q || p) through the differentiable inverse, with the target's forces;
+    mode-seeking, which is why the data term matters more here.
+
+Guards: every ``eval_every`` steps ``eval_proposals`` proposals of the EMA flow give the
+importance-sampling ESS and, given ``states`` (a function from positions to state labels),
+the proposals' state populations next to the importance-weighted ones. Refinement stops
+early, keeping the EMA weights of the best ESS so far, when a state holding at least
+``min_state_population`` of the weighted mass gets less than ``drift_ratio`` of that mass in
+the proposals, or when the ESS falls below half its starting value. Every checkpoint is the
+flow itself (an exact density); a run resumes exactly from it, every random draw of step
+``t`` coming from a generator seeded by ``(seed, t)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.model import TarFlow, _standard_normal_log_prob
+from openmm_sbg.flow.training import (
+    _cpu_copy,
+    _features,
+    _fingerprint,
+    _generator,
+    _update_ema,
+)
+from openmm_sbg.smc.proposal import com_log_density
+
+OBJECTIVES = ("weighted-ml", "reverse-kl")
+# Kinds of random stream (see openmm_sbg.flow.training): proposals, buffer batches and their
+# augmentation, data batches and theirs, evaluation.
+_REFRESH, _BUFFER_BATCH, _BUFFER_AUGMENT, _DATA_BATCH, _DATA_AUGMENT, _EVALUATE = range(10, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineOptions:
+    """Settings of :func:`refine`.
+
+    Parameters
+    ----------
+    objective
+        ``"weighted-ml"`` or ``"reverse-kl"`` (see the module docstring).
+    steps, batch_size, lr, grad_clip, ema_decay
+        Optimiser steps, configurations per step, AdamW learning rate (constant), gradient
+        norm clip and EMA decay of the weights that are evaluated and saved.
+    data_weight
+        Weight of the MD data's NLL in the loss, ``(1 - w) * energy term + w * data NLL``;
+        0 uses the energy alone (and needs no data).
+    proposals_per_refresh, refresh_every, buffer_refreshes
+        ``weighted-ml``: proposals drawn per refresh, steps between refreshes, refreshes kept.
+    eval_every, eval_proposals
+        Steps between guard evaluations and proposals per evaluation.
+    drift_ratio, min_state_population
+        The population guard (see the module docstring).
+    max_seconds
+        Wall-clock budget: stop at the first evaluation past it (a resumed run counts the
+        time already spent). Runs stopped by time are not bit-reproducible; step counts are.
+    seed
+        Seed of every random draw.
+    """
+
+    objective: str = "weighted-ml"
+    data_weight: float = 0.5
+    # Optimisation: a small constant learning rate, as the flow starts trained.
+    steps: int = 300
+    batch_size: int = 256
+    lr: float = 5e-5
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    # Replay buffer of weighted-ml: 20k proposals from the last 10 refreshes.
+    proposals_per_refresh: int = 2048
+    refresh_every: int = 10
+    buffer_refreshes: int = 10
+    # Guards and budget.
+    eval_every: int = 50
+    eval_proposals: int = 4096
+    drift_ratio: float = 0.5
+    min_state_population: float = 0.01
+    max_seconds: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not 0 <= self.data_weight <= 1:
+            raise ValueError(f"data_weight must lie in [0, 1], got {self.data_weight}")
+        if min(self.steps, self.batch_size, self.proposals_per_refresh, self.refresh_every, self.buffer_refreshes,
+               self.eval_every, self.eval_proposals) < 1:
+            raise ValueError("steps, batch sizes, refresh and evaluation intervals must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator, batch_size: int = 1024):
+    """``n`` proposals of ``flow`` ``[n, N, 3]`` and their log importance weights for ``target``.
+
+    ``log w = -U/kT + log N(CoM; 0, com_std^2) - log q``: the ``"gaussian"`` CoM adjustment
+    (:mod:`openmm_sbg.smc.proposal`), which cancels the flow's CoM factor, so the weights
+    measure the flow and not the CoM convention. (The sampler's default ``"chi3"`` multiplies
+    every weight by ``4 pi |CoM|^2``, whose spread alone caps the ESS at 9/15 = 0.6.) A
+    configuration with a non-finite energy gets ``-inf``.
+    """
+    xs, log_ws = [], []
+    for start in range(0, n, batch_size):
+        x, log_q = flow.sample(min(batch_size, n - start), generator=generator)
+        x = x.double()
+        energy = target.energy(x, allow_nonfinite=True)
+        log_w = -energy + com_log_density(x, flow.com_std, "gaussian") - log_q.double()
+        xs.append(x)
+        log_ws.append(torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf)))
+    return torch.cat(xs), torch.cat(log_ws)
+
+
+class _ReducedEnergy(torch.autograd.Function):
+    """``U(x)/kT`` of the target, differentiable in ``x`` through its forces."""
+
+    @staticmethod
+    def forward(ctx, x, target):
+        energy, forces = target.energy_and_forces(x.detach().double(), allow_nonfinite=True)
+        ctx.save_for_backward(forces.to(x.dtype))
+        return energy.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (forces,) = ctx.saved_tensors
+        return -grad[:, None, None] * forces, None
+
+
+def refine(
+    flow: TarFlow,
+    target,
+    options: RefineOptions | None = None,
+    *,
+    data_positions=None,
+    states: Callable[[np.ndarray], np.ndarray] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TarFlow:
+    """Refine a trained ``flow`` with ``target``'s energy; return the refined EMA flow.
+
+    Parameters
+    ----------
+    flow
+        A trained :class:`TarFlow` of ``target``'s molecule (either representation).
+    target
+        The :class:`~openmm_sbg.BoltzmannTarget`.
+    options
+        :class:`RefineOptions`.
+    data_positions
+        MD frames ``[T, N, 3]`` in nm for the data term (needed unless ``data_weight`` is 0).
+    states
+        Optional function from positions ``[B, N, 3]`` (nm, numpy) to integer state labels,
+        for the population guard (e.g. the backbone basins, :mod:`openmm_sbg.populations`).
+    checkpoint_path
+        Written at every evaluation (resumable) and at the end (the refined flow, with its
+        record in ``flow.metadata["refinement"]``).
+    """
+    options = options or RefineOptions()
+    if options.data_weight > 0 and data_positions is None:
+        raise ValueError("data_weight > 0 needs data_positions (the MD frames the flow was trained on); or pass data_weight=0")
+    if flow.n_atoms != target.n_atoms:
+        raise ValueError(f"the flow models {flow.n_atoms} atoms but the target has {target.n_atoms}; refine the flow of this molecule")
+    run = _Run(flow, target, options, data_positions, states)
+    if checkpoint_path is not None and os.path.exists(checkpoint_path):
+        run.resume(checkpoint_path)
+    run.loop(checkpoint_path, progress)
+    return run.finish(checkpoint_path)
+
+
+class _Run:
+    """The state of one refinement: model, EMA, optimiser, replay buffer, history."""
+
+    def __init__(self, flow: TarFlow, target, options: RefineOptions, data_positions, states):
+        self.options, self.target, self.states = options, target, states
+        self.model = copy.deepcopy(flow).float().train().requires_grad_(True)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.data = None
+        if data_positions is not None:
+            data = np.asarray(data_positions, dtype=np.float64)
+            self.data = _features(data, self.model)
+        self.key = {"options": options.to_dict(), "start_sha1": _fingerprint(*[p.detach().cpu().numpy() for p in flow.parameters()]),
+                    "data_sha1": None if data_positions is None else _fingerprint(np.asarray(data_positions))}
+        self.step, self.seconds, self.history = 0, 0.0, []
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.best = None  # (ess, step, weights)
+        self.stopped = None
+
+    # ------------------------------------------------------------------ losses
+    def energy_loss(self) -> torch.Tensor:
+        o = self.options
+        if o.objective == "weighted-ml":
+            if self.step % o.refresh_every == 0 or not self.buffer:
+                x, log_w = importance_weights(self.ema, self.target, o.proposals_per_refresh, _generator(o.seed, _REFRESH, self.step))
+                self.buffer = [*self.buffer, (x.float(), log_w)][-o.buffer_refreshes :]
+            # Each refresh's self-normalised weights estimate p; the buffer averages them.
+            probs = torch.cat([torch.softmax(log_w, 0) for _, log_w in self.buffer]) / len(self.buffer)
+            pick = torch.multinomial(probs, o.batch_size, replacement=True, generator=_generator(o.seed, _BUFFER_BATCH, self.step))
+            x = torch.cat([x for x, _ in self.buffer])[pick]
+            y = self.model.representation.training_features(x.double()).float()
+            y = self.model.representation.augment(y, _generator(o.seed, _BUFFER_AUGMENT, self.step))
+            return self.model.nll_per_dim(y).mean()
+        latents = self.model.draw_latents(o.batch_size, _generator(o.seed, _REFRESH, self.step))
+        z = latents[:, : self.model.dim].reshape(len(latents), *self.model.representation.feature_shape)
+        rigid = latents[:, self.model.dim :] if self.model.representation.n_rigid else None
+        x, log_det = self.model.inverse(z, rigid)
+        log_q = _standard_normal_log_prob(z) - log_det
+        log_p = -_ReducedEnergy.apply(x, self.target) + com_log_density(x, self.model.com_std, "gaussian")
+        finite = torch.isfinite(log_p)
+        return (log_q - log_p)[finite].mean() / self.model.dim
+
+    def data_loss(self) -> torch.Tensor:
+        o = self.options
+        pick = torch.randint(0, len(self.data), (o.batch_size,), generator=_generator(o.seed, _DATA_BATCH, self.step))
+        y = self.model.representation.augment(self.data[pick], _generator(o.seed, _DATA_AUGMENT, self.step))
+        return self.model.nll_per_dim(y).mean()
+
+    # ------------------------------------------------------------------ guard
+    def evaluate(self) -> dict:
+        o = self.options
+        x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, _generator(o.seed, _EVALUATE, 0))
+        weights = torch.softmax(log_w, 0).numpy()
+        entry = {"step": self.step, "seconds": self.seconds, "ess": float(1 / np.sum(weights**2) / len(weights))}
+        if self.states is not None:
+            labels = np.asarray(self.states(x.numpy()))
+            n_states = int(labels.max()) + 1 if len(labels) else 0
+            entry["proposal_populations"] = (np.bincount(labels, minlength=n_states) / len(labels)).tolist()
+            entry["weighted_populations"] = np.bincount(labels, weights=weights, minlength=n_states).tolist()
+        return entry
+
+    def drift(self, entry: dict) -> str | None:
+        o = self.options
+        if entry["ess"] < 0.5 * self.history[0]["ess"]:
+            return f"ESS fell to {entry['ess']:.3f} from {self.history[0]['ess']:.3f}"
+        for s, (proposed, weighted) in enumerate(zip(entry.get("proposal_populations", []), entry.get("weighted_populations", []))):
+            if weighted >= o.min_state_population and proposed < o.drift_ratio * weighted:
+                return f"state {s} holds {weighted:.3f} of the weighted mass but {proposed:.3f} of the proposals"
+        return None
+
+    # ------------------------------------------------------------------ loop
+    def loop(self, checkpoint_path, progress: bool) -> None:
+        o = self.options
+        if not self.history:
+            self.record(self.evaluate())
+        bar = tqdm(total=o.steps, initial=self.step, desc=f"refine ({o.objective})", unit="step", disable=not progress, dynamic_ncols=True)
+        started = time.perf_counter() - self.seconds
+        try:
+            while self.step < o.steps and self.stopped is None:
+                loss = (1 - o.data_weight) * self.energy_loss()
+                if o.data_weight > 0:
+                    loss = loss + o.data_weight * self.data_loss()
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"refinement loss became {loss.item()} at step {self.step}; lower the learning rate")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+                self.optimizer.step()
+                _update_ema(self.ema, self.model, o.ema_decay, self.step)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", ess=f"{self.history[-1]['ess']:.3f}")
+                if self.step % o.eval_every == 0 or self.step == o.steps:
+                    self.seconds = time.perf_counter() - started
+                    entry = self.evaluate()
+                    self.stopped = self.drift(entry)
+                    if self.stopped is None and o.max_seconds is not None and self.seconds >= o.max_seconds:
+                        self.stopped = f"the wall-clock budget of {o.max_seconds:g} s is spent"
+                    self.record(entry)
+                    if checkpoint_path is not None and self.stopped is None and self.step < o.steps:
+                        checkpoint.write_checkpoint(checkpoint_path, self.payload(complete=False))
+        finally:
+            bar.close()
+        if self.stopped is not None and progress:
+            tqdm.write(f"refinement stopped at step {self.step}: {self.stopped}; keeping the weights of step {self.best[1]}")
+
+    def record(self, entry: dict) -> None:
+        self.history.append(entry)
+        if self.best is None or entry["ess"] > self.best[0]:
+            self.best = (entry["ess"], entry["step"], _cpu_copy(self.ema))
+
+    # ------------------------------------------------------------------ checkpoints
+    def payload(self, complete: bool) -> dict:
+        payload = self.ema.checkpoint_payload()
+        payload["metadata"]["refinement"] = {
+            "options": self.options.to_dict(), "steps": self.step, "seconds": self.seconds, "history": self.history,
+            "selected_step": self.best[1], "ess": self.best[0], "stopped": self.stopped, "complete": complete,
+        }
+        if not complete:
+            payload["refine_state"] = {
+                **self.key, "step": self.step, "seconds": self.seconds, "history": self.history,
+                "model": _cpu_copy(self.model), "optimizer": self.optimizer.state_dict(), "best": self.best,
+                "buffer": [(x.clone(), log_w.clone()) for x, log_w in self.buffer],
+            }
+        return payload
+
+    def resume(self, path) -> None:
+        payload = checkpoint.read_checkpoint(path)
+        state = payload.get("refine_state")
+        if state is None:
+            raise ValueError(f"{os.fspath(path)!r} holds a finished flow; refine into another file")
+        differs = [key for key, value in self.key.items() if state.get(key) != value]
+        if differs:
+            raise ValueError(f"{os.fspath(path)!r} holds a refinement with a different {', '.join(differs)}; rerun with the same settings")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.seconds, self.history, self.best = state["step"], state["seconds"], list(state["history"]), state["best"]
+        self.buffer = list(state["buffer"])
+
+    def finish(self, checkpoint_path) -> TarFlow:
+        self.ema.load_state_dict(self.best[2])
+        payload = self.payload(complete=True)
+        if checkpoint_path is not None:
+            checkpoint.write_checkpoint(checkpoint_path, payload)
+        self.ema.metadata = payload["metadata"]
+        return self.ema.eval()

@@ -1,0 +1,155 @@
+"""Energy-aware refinement: a toy with a known answer (three torsion basins), exact resume, guards."""
+
+import itertools
+import math
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import unit
+from scipy import integrate
+from toy_molecules import carbon_chain
+
+from openmm_sbg import BoltzmannTarget, populations
+from openmm_sbg.flow import FlowConfig, TarFlow
+from openmm_sbg.flow import refine as refine_module
+from openmm_sbg.flow.refine import RefineOptions, importance_weights, refine
+from openmm_sbg.flow.zmatrix import ZMatrix
+
+TINY = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2, representation="internal")
+# Torsion V = K3 (1 + cos 3 phi) + K1 (1 + cos phi): trans (|phi| > 120 deg) below the two gauche basins.
+K3, K1 = 5.0, 2.0
+
+
+def torsion_states(phi: np.ndarray) -> np.ndarray:
+    """0: gauche- [-120, 0) deg, 1: gauche+ [0, 120), 2: trans."""
+    degrees = np.degrees(phi)
+    return np.where((degrees >= -120) & (degrees < 0), 0, np.where((degrees >= 0) & (degrees < 120), 1, 2))
+
+
+def butane_like():
+    """Four atoms, stiff bonds and angles, a three-basin torsion: its basin populations by quadrature."""
+    topology, system = carbon_chain(4, "BUT")
+    torsion = openmm.PeriodicTorsionForce()
+    torsion.addTorsion(0, 1, 2, 3, 3, 0.0, K3)
+    torsion.addTorsion(0, 1, 2, 3, 1, 0.0, K1)
+    system.addForce(torsion)
+    target = BoltzmannTarget(system, topology, 300 * unit.kelvin, name="butane-like")
+    boltzmann = lambda phi: math.exp(-(K3 * (1 + math.cos(3 * phi)) + K1 * (1 + math.cos(phi))) / target.kT)
+    edges = np.radians([-180, -120, 0, 120, 180])
+    mass = [integrate.quad(boltzmann, a, b, epsabs=0, epsrel=1e-12)[0] for a, b in itertools.pairwise(edges)]
+    exact = np.array([mass[1], mass[2], mass[0] + mass[3]]) / sum(mass)
+    return target, exact
+
+
+def torsion_of(target):
+    zmatrix = ZMatrix.from_topology(target.topology)
+
+    def labels(x: np.ndarray) -> np.ndarray:
+        q, _ = zmatrix.to_internal(torch.as_tensor(x, dtype=torch.float64))
+        return torsion_states(q[:, -1, 2].numpy())
+
+    return labels
+
+
+def uniform_torsion_flow(target, seed=0) -> TarFlow:
+    """A flow fitted to frames with the right bonds and angles but a uniform torsion: equal basins."""
+    zmatrix = ZMatrix.from_topology(target.topology)
+    generator = torch.Generator().manual_seed(seed)
+    n = 4000
+    q = torch.empty(n, 2, 3, dtype=torch.float64)
+    q[:, :, 0] = 0.15 + 0.004 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    q[:, 0, 2] = 1.9 + 0.09 * torch.randn(n, generator=generator, dtype=torch.float64)
+    q[:, 1, 1] = 1.9 + 0.09 * torch.randn(n, generator=generator, dtype=torch.float64)
+    q[:, 0, 1] = 0.15 + 0.004 * torch.randn(n, generator=generator, dtype=torch.float64)
+    q[:, 1, 2] = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
+    frames = zmatrix.to_cartesian(q, torch.zeros(n, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).expand(n, 3, 3))
+    torch.manual_seed(seed)
+    flow = TarFlow(TINY, target=target, std=0.1)
+    flow.representation.fit(frames)
+    return flow
+
+
+def weighted_populations(flow, target, labeller, n=6000, seed=123):
+    x, log_w = importance_weights(flow, target, n, torch.Generator().manual_seed(seed))
+    labels = labeller(x.numpy())
+    estimate, error = populations.bootstrap_populations(labels, 3, log_w.numpy(), n_bootstrap=200)
+    proposed = np.bincount(labels, minlength=3) / len(labels)
+    weights = torch.softmax(log_w, 0).numpy()
+    return estimate, error, proposed, float(1 / np.sum(weights**2) / n)
+
+
+@pytest.mark.parametrize("objective", ["weighted-ml", "reverse-kl"])
+def test_refinement_raises_ess_and_keeps_every_basin_mass(objective):
+    target, exact = butane_like()
+    labeller = torsion_of(target)
+    flow = uniform_torsion_flow(target)
+    _, _, proposed_before, ess_before = weighted_populations(flow, target, labeller)
+    options = RefineOptions(objective=objective, steps=120, batch_size=128, lr=3e-3, data_weight=0.0, eval_every=40,
+                            eval_proposals=2000, proposals_per_refresh=1024, refresh_every=5, ema_decay=0.9)
+    refined = refine(flow, target, options, states=labeller, progress=False)
+    estimate, error, proposed_after, ess_after = weighted_populations(refined, target, labeller)
+    assert ess_after > ess_before + 0.1, (ess_before, ess_after)
+    # Every basin's weighted mass agrees with quadrature within its bootstrap error ...
+    assert np.all(np.abs(estimate - exact) < 4 * error + 1e-3), (estimate, error, exact)
+    # ... and the proposals moved towards the Boltzmann populations without dropping a basin.
+    assert np.abs(proposed_after - exact).sum() < np.abs(proposed_before - exact).sum()
+    assert proposed_after.min() > 0.5 * exact.min()
+    record = refined.metadata["refinement"]
+    assert record["complete"] and record["history"][0]["step"] == 0 and record["stopped"] is None
+
+
+def test_refinement_resumes_exactly(tmp_path, monkeypatch):
+    target, _ = butane_like()
+    flow = uniform_torsion_flow(target)
+    frames = flow.sample(500, generator=torch.Generator().manual_seed(1))[0].double().numpy()
+    options = RefineOptions(steps=12, batch_size=64, lr=1e-3, data_weight=0.5, eval_every=4, eval_proposals=256,
+                            proposals_per_refresh=256, refresh_every=3, buffer_refreshes=2)
+    whole = refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "whole.pt", progress=False)
+
+    evaluate = refine_module._Run.evaluate
+
+    def interrupted(run):
+        if run.step == 8:
+            raise KeyboardInterrupt  # after the step-4 checkpoint, before the step-8 one
+        return evaluate(run)
+
+    monkeypatch.setattr(refine_module._Run, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "split.pt", progress=False)
+    monkeypatch.setattr(refine_module._Run, "evaluate", evaluate)
+    resumed = refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "split.pt", progress=False)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    untimed = lambda history: [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
+    assert untimed(TarFlow.load(tmp_path / "split.pt").metadata["refinement"]["history"]) == untimed(whole.metadata["refinement"]["history"])
+    with pytest.raises(ValueError, match="finished flow"):
+        refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "split.pt", progress=False)
+
+
+def test_population_guard_stops_a_run_that_drops_a_basin():
+    target, _ = butane_like()
+    labeller = torsion_of(target)
+    flow = uniform_torsion_flow(target)
+    # A guard no flow can satisfy at once (proposals must hold 10x a basin's weighted mass) stops at the first check.
+    options = RefineOptions(steps=50, batch_size=32, eval_every=5, eval_proposals=256, proposals_per_refresh=256,
+                            data_weight=0.0, drift_ratio=10.0)
+    refined = refine(flow, target, options, states=labeller, progress=False)
+    record = refined.metadata["refinement"]
+    assert record["steps"] == 5 and "of the proposals" in record["stopped"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"objective": "forward"}, "objective"), ({"data_weight": 2.0}, r"\[0, 1\]"), ({"steps": 0}, "positive")],
+)
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RefineOptions(**kwargs)
+
+
+def test_data_term_needs_data():
+    target, _ = butane_like()
+    with pytest.raises(ValueError, match="data_positions"):
+        refine(uniform_torsion_flow(target), target, RefineOptions(data_weight=0.5), progress=False)
