@@ -127,6 +127,7 @@ class DeviceBackend(EnergyBackend):
 
     def __init__(self, backend: EnergyBackend, device: str | torch.device = "cuda", dtype: torch.dtype = torch.float64):
         self.backend = backend
+        self.n_atoms = backend.n_atoms
         self.device = torch.device(device)
         self.dtype = dtype
         self.name = f"{backend.name}-{self.device.type}"
@@ -137,9 +138,9 @@ class DeviceBackend(EnergyBackend):
             x = x.pin_memory()
         return x.to(self.device, non_blocking=True)
 
-    def energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         energy, forces = self.backend.energy_and_forces(self._to_device(x))
         return energy.to(x.device, x.dtype), forces.to(x.device, x.dtype)
 
-    def energy(self, x: torch.Tensor) -> torch.Tensor:
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.energy(self._to_device(x)).to(x.device, x.dtype)

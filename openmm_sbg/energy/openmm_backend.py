@@ -90,8 +90,8 @@ class OpenMMBackend(EnergyBackend):
         force_t = None if force_out is None else torch.from_numpy(force_out).to(device=x.device, dtype=x.dtype)
         return energy_t, force_t
 
-    def energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._evaluate(x, forces=True)
 
-    def energy(self, x: torch.Tensor) -> torch.Tensor:
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
         return self._evaluate(x, forces=False)[0]

@@ -85,10 +85,10 @@ class ProcessPoolBackend(EnergyBackend):
         force = torch.from_numpy(np.concatenate([f for _, f in results])).to(device=x.device, dtype=x.dtype)
         return energy, force
 
-    def energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._evaluate(x, forces=True)
 
-    def energy(self, x: torch.Tensor) -> torch.Tensor:
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
         return self._evaluate(x, forces=False)[0]
 
     def close(self) -> None:
