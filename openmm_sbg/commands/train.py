@@ -1,4 +1,4 @@
-"""``openmm-sbg train``: fit a TarFlow proposal to MD data (resumable, checkpoint every epoch)."""
+"""``openmm-sbg train``: fit a TarFlow proposal to MD data, or refine a trained one with the energy (resumable)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import os
 
 from openmm_sbg.commands.common import add_system_arguments, target_from_args
 
-HELP = "train a TarFlow proposal on MD frames; rerun the same command to resume an interrupted run"
+HELP = (
+    "train a TarFlow proposal on MD frames, or (--refine FLOW) refine a trained flow with the force field's energy; "
+    "rerun the same command to resume an interrupted run"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from openmm_sbg.flow import TrainOptions, preset_names
     from openmm_sbg.flow.presets import REPRESENTATIONS
+    from openmm_sbg.flow.refine import OBJECTIVES, RefineOptions
 
-    defaults = TrainOptions()
+    defaults, refine_defaults = TrainOptions(), RefineOptions()
     add_system_arguments(parser)
     parser.add_argument(
         "--data", required=True, nargs="+",
@@ -34,19 +38,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
-    length.add_argument("--steps", type=int, default=None, help="optimiser steps (instead of --epochs)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
+    length.add_argument("--steps", type=int, default=None,
+                        help=f"optimiser steps (instead of --epochs; --refine default {refine_defaults.steps})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default {defaults.batch_size} (--refine: {refine_defaults.batch_size})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"peak learning rate (default {defaults.lr}; --refine: constant, {refine_defaults.lr})")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="fraction of steps warming up the lr")
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
-    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help=f"default {defaults.ema_decay} (--refine: {refine_defaults.ema_decay})")
     parser.add_argument("--val-frames", type=int, default=defaults.val_frames, help="held-out frames scored per epoch")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--keep-last", action="store_true",
         help="save the last EMA weights instead of those of the epoch with the lowest validation NLL",
     )
+    refine = parser.add_argument_group(
+        "refinement with the energy (--refine): continue from a trained flow towards the force field's Boltzmann "
+        "distribution; --data then feeds the data term"
+    )
+    refine.add_argument("--refine", metavar="FLOW", default=None,
+                        help="trained flow checkpoint (or shipped model name) to refine; writes the refined flow to --out")
+    refine.add_argument("--objective", choices=OBJECTIVES, default=refine_defaults.objective,
+                        help="weighted-ml: importance-weighted likelihood with a replay buffer (mass-covering, default); "
+                        "reverse-kl: KL(q||p) through the flow's inverse (mode-seeking)")
+    refine.add_argument("--data-weight", type=float, default=refine_defaults.data_weight,
+                        help=f"weight of the data's NLL in the loss (default {refine_defaults.data_weight})")
+    refine.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the refinement")
+    refine.add_argument("--eval-every", type=int, default=refine_defaults.eval_every,
+                        help="steps between ESS / population checks (and checkpoints)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
@@ -66,6 +88,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.refine is not None:
+        return _refine(args)
     target = target_from_args(args)
     from openmm_sbg.data import training_frames
 
@@ -76,12 +100,12 @@ def run(args: argparse.Namespace) -> dict:
     options = TrainOptions(
         epochs=args.epochs,
         steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        batch_size=_given(args.batch_size, TrainOptions.batch_size),
+        lr=_given(args.lr, TrainOptions.lr),
         weight_decay=args.weight_decay,
         warmup=args.warmup,
         grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
+        ema_decay=_given(args.ema_decay, TrainOptions.ema_decay),
         seed=args.seed,
         val_frames=args.val_frames,
         select_best=not args.keep_last,
@@ -117,6 +141,60 @@ def run(args: argparse.Namespace) -> dict:
         "selected_step": record["selected_step"],
         "std_nm": flow.std,
         "com_std_nm": flow.com_std,
+    }
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _refine(args: argparse.Namespace) -> dict:
+    from openmm_sbg import distributed, populations
+    from openmm_sbg.data import training_frames
+    from openmm_sbg.flow import TarFlow
+    from openmm_sbg.flow.refine import RefineOptions, refine
+
+    if distributed.is_launched():
+        raise ValueError("--refine runs in one process; launch it without torchrun")
+    if args.system is None and args.pdb is None:  # the checkpoint knows its molecule
+        flow = TarFlow.load(args.refine, map_location=args.device)
+        target = flow.target(platform=args.platform)
+    else:
+        target = target_from_args(args)
+        flow = TarFlow.load(args.refine, target=target, map_location=args.device)
+    options = RefineOptions(
+        objective=args.objective,
+        data_weight=args.data_weight,
+        steps=_given(args.steps, RefineOptions.steps),
+        batch_size=_given(args.batch_size, RefineOptions.batch_size),
+        lr=_given(args.lr, RefineOptions.lr),
+        grad_clip=args.grad_clip,
+        ema_decay=_given(args.ema_decay, RefineOptions.ema_decay),
+        eval_every=args.eval_every,
+        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+        seed=args.seed,
+    )
+    data_positions = training_frames(args.data, target)[0] if options.data_weight > 0 else None
+    try:
+        states = populations.backbone_state_labeller(target.topology)
+    except ValueError:
+        states = None  # not a peptide: the ESS guard only
+    refined = refine(flow, target, options, data_positions=data_positions, states=states, checkpoint_path=args.out,
+                     progress=not args.no_progress)
+    record = refined.metadata["refinement"]
+    return {
+        "out": os.fspath(args.out),
+        "system": target.name,
+        "started_from": os.fspath(args.refine),
+        "objective": options.objective,
+        "steps": record["steps"],
+        "refine_seconds": round(record["seconds"], 1),
+        "selected_step": record["selected_step"],
+        "ess_start": record["history"][0]["ess"],
+        "ess_selected": record["ess"],
+        "stopped": record["stopped"],
+        "ess_over_time": [{"step": h["step"], "seconds": round(h["seconds"], 1), "ess": h["ess"]} for h in record["history"]],
+        "state_populations": {key: record["history"][-1].get(key) for key in ("proposal_populations", "weighted_populations")},
     }
 
 
