@@ -9,43 +9,62 @@ from openmm_sbg.commands.common import add_system_arguments, target_from_args
 HELP = "draw weighted equilibrium samples with a trained flow and SMC; rerun the same command to resume"
 
 
+#: Where the command's defaults differ from the library's (SMCOptions): a run size to start
+#: from, and Metropolis-adjusted moves, since the unadjusted ones the paper (and the library)
+#: default to are biased at the default step once the flow is as stiff as the force field,
+#: as internal-coordinate flows are.
+COMMAND_DEFAULTS = {"n_particles": 1000, "n_steps": 100, "kernel": "mala"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from openmm_sbg.smc import DEFAULT_STEP_SIZE
+    import dataclasses
+
+    from openmm_sbg.smc import SMCOptions
+    from openmm_sbg.smc.kernels import KERNELS
+    from openmm_sbg.smc.proposal import COM_ADJUSTMENTS
+    from openmm_sbg.smc.resampling import RESAMPLERS
+
+    defaults = {field.name: field.default for field in dataclasses.fields(SMCOptions)} | COMMAND_DEFAULTS
+
+    def option(flag: str, help: str, **kwargs) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        parser.add_argument(flag, default=defaults[dest], help=f"{help} (default {defaults[dest]})", **kwargs)
 
     add_system_arguments(parser)
     parser.add_argument("--flow", required=True, help="flow checkpoint (.pt) from `openmm-sbg train`, or a shipped model's name (ad2)")
     parser.add_argument("--out", required=True, help="samples file to write (.h5: mdtraj trajectory + log_weights, energies_kT)")
-    parser.add_argument("--n-particles", type=int, default=1000, help="proposals drawn / particles kept (default 1000)")
-    parser.add_argument("--n-steps", type=int, default=100, help="annealing steps (the most, for --schedule adaptive); 0 = importance sampling (default 100)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--kernel", choices=["ula", "mala"], default="mala",
-        help="Langevin move: Metropolis-adjusted with step-size adaptation (default; exact for any step) or "
-        "unadjusted (the paper's, biased when the flow is as stiff as the force field, as internal-coordinate flows are)",
-    )
-    parser.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE, help=f"Langevin step size in nm^2 (default {DEFAULT_STEP_SIZE:g})")
-    parser.add_argument("--n-mcmc-steps", type=int, default=1, help="Langevin moves per annealing step")
-    parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear")
-    parser.add_argument("--target-cess", type=float, default=0.99, help="conditional ESS per step for --schedule adaptive")
-    parser.add_argument("--resampling", choices=["systematic", "multinomial"], default="systematic")
-    parser.add_argument("--resample-threshold", type=float, default=0.5, help="resample when the normalised ESS drops below this")
-    parser.add_argument("--no-final-resample", action="store_true", help="keep weighted particles at t = 1")
-    parser.add_argument("--energy-cutoff", type=float, default=None, help="drop proposals above this energy in kT")
-    parser.add_argument("--clip-fraction", type=float, default=0.002, help="drop this fraction of the largest log-weights")
-    parser.add_argument("--com-adjustment", choices=["chi3", "gaussian", "none"], default="chi3")
-    parser.add_argument("--batch-size", type=int, default=256, help="particles per flow / force-field evaluation")
-    parser.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (OUT.ckpt)")
+    option("--n-particles", "proposals drawn / particles kept", type=int)
+    option("--n-steps", "annealing steps (the most, for --schedule adaptive); 0 = importance sampling", type=int)
+    option("--kernel", "Langevin move: mala (Metropolis-adjusted, step-size adaptation, exact for any step) or ula "
+           "(unadjusted, the paper's)", choices=list(KERNELS))
+    option("--step-size", "Langevin step size in nm^2", type=float)
+    option("--n-mcmc-steps", "Langevin moves per annealing step", type=int)
+    option("--schedule", "annealing schedule", choices=["linear", "adaptive"])
+    option("--target-cess", "conditional ESS per step for --schedule adaptive", type=float)
+    option("--resampling", "resampling scheme", choices=list(RESAMPLERS))
+    option("--resample-threshold", "resample when the normalised ESS drops below this", type=float)
+    parser.add_argument("--no-final-resample", dest="resample_at_end", action="store_false", help="keep weighted particles at t = 1")
+    option("--energy-cutoff", "drop proposals above this energy in kT", type=float)
+    option("--clip-fraction", "drop this fraction of the largest log-weights", type=float)
+    option("--com-adjustment", "centre-of-mass adjustment of the proposal density", choices=list(COM_ADJUSTMENTS))
+    option("--batch-size", "particles per flow / force-field evaluation", type=int)
+    option("--checkpoint-every", "steps between checkpoints (OUT.ckpt)", type=int)
     parser.add_argument("--restart", action="store_true", help="ignore an existing OUT.ckpt and start afresh")
     parser.add_argument("--device", default="cpu", help="torch device of the flow (cpu, cuda, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> dict:
+    import dataclasses
+
     import torch
 
     from openmm_sbg import distributed
     from openmm_sbg.flow import TarFlow
+    from openmm_sbg.sampling import sample
+    from openmm_sbg.smc import SMCOptions
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -59,31 +78,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         target = target_from_args(args)
         flow = TarFlow.load(args.flow, target=target, map_location=args.device)
-    from openmm_sbg.sampling import sample
-
-    return sample(
-        target,
-        flow,
-        args.out,
-        seed=args.seed,
-        restart=args.restart,
-        n_particles=args.n_particles,
-        n_steps=args.n_steps,
-        kernel=args.kernel,
-        step_size=args.step_size,
-        n_mcmc_steps=args.n_mcmc_steps,
-        schedule=args.schedule,
-        target_cess=args.target_cess,
-        resampling=args.resampling,
-        resample_threshold=args.resample_threshold,
-        resample_at_end=not args.no_final_resample,
-        energy_cutoff=args.energy_cutoff,
-        clip_fraction=args.clip_fraction,
-        com_adjustment=args.com_adjustment,
-        batch_size=args.batch_size,
-        checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress,
-    )
+    # Every option the parser knows by its SMCOptions name goes to the sampler as it is.
+    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(SMCOptions) if hasattr(args, field.name)}
+    return sample(target, flow, args.out, seed=args.seed, restart=args.restart, **options)
 
 
 def progress_path(args: argparse.Namespace) -> str:
