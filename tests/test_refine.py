@@ -153,3 +153,18 @@ def test_data_term_needs_data():
     target, _ = butane_like()
     with pytest.raises(ValueError, match="data_positions"):
         refine(uniform_torsion_flow(target), target, RefineOptions(data_weight=0.5), progress=False)
+
+
+@pytest.mark.parametrize("objective", ["weighted-ml", "reverse-kl"])
+def test_a_refined_cartesian_flow_is_still_an_exact_density(objective, tmp_path):
+    target, _ = butane_like()
+    torch.manual_seed(0)
+    flow = TarFlow(FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2, representation="cartesian"), target=target, std=0.1)
+    frames = uniform_torsion_flow(target).sample(256, generator=torch.Generator().manual_seed(2))[0].double().numpy()
+    options = RefineOptions(objective=objective, steps=6, batch_size=32, lr=1e-3, eval_every=3, eval_proposals=128,
+                            proposals_per_refresh=128, refresh_every=3)
+    refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "refined.pt", progress=False)
+    refined = TarFlow.load(tmp_path / "refined.pt", target=target).double()
+    assert any(not torch.equal(a, b) for a, b in zip(refined.state_dict().values(), flow.double().state_dict().values()))
+    x, log_q = refined.sample(64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(refined.log_prob(x), log_q, rtol=0, atol=1e-8)
