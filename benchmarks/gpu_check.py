@@ -139,14 +139,14 @@ def check_system(name: str, batch: int, checker: Checker, cuda: bool) -> None:
         backends["cuda torch f32"] = DeviceBackend(target.backend, "cuda", torch.float32)
     for label, backend in backends.items():
         u, f = backend.energy_and_forces(x)
-        error = max(relative_error(u / target.kT, u_ref), relative_error(f / target.kT, f_ref))
+        error = max(relative_error(u / target.kT_kj_per_mol, u_ref), relative_error(f / target.kT_kj_per_mol, f_ref))
         seconds = timed(lambda: backend.energy_and_forces(x), checker.min_seconds, sync)
         checker.add(f"{name} force field, {label}", batch / seconds, error, TOLERANCE["f64" if "f64" in label else "fp32"])
     if cuda and "CUDA" in [openmm_platform_name(i) for i in range(openmm_platform_count())]:
         backend = OpenMMBackend(target.system, "CUDA")
         few = x[:64]
         u, f = backend.energy_and_forces(few)
-        error = max(relative_error(u / target.kT, u_ref[:64]), relative_error(f / target.kT, f_ref[:64]))
+        error = max(relative_error(u / target.kT_kj_per_mol, u_ref[:64]), relative_error(f / target.kT_kj_per_mol, f_ref[:64]))
         seconds = timed(lambda: backend.energy_and_forces(few), checker.min_seconds, False)
         checker.add(f"{name} force field, OpenMM CUDA (one Context, loop)", len(few) / seconds, error, TOLERANCE["fp32"])
 

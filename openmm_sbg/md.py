@@ -183,7 +183,7 @@ def run_md(
             steps_run += config.steps_per_frame
             snapshot = context.getState(positions=True, energy=True)
             xyz[i] = snapshot.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-            energies[i] = snapshot.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / target.kT
+            energies[i] = snapshot.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / target.kT_kj_per_mol
             bar.update(1)
         if not np.all(np.isfinite(energies)):
             raise RuntimeError("MD blew up (non-finite energy); check the structure and force field, or lower the timestep")

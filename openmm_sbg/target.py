@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 
 import numpy as np
 import openmm
@@ -80,6 +81,11 @@ class BoltzmannTarget:
         or an :class:`~openmm_sbg.energy.EnergyBackend` instance.
     platform
         OpenMM platform for the OpenMM backend (``None``: OpenMM's choice).
+
+    Attributes
+    ----------
+    kT_kj_per_mol
+        ``R T`` in kJ/mol: the energy unit of :meth:`energy` expressed in OpenMM's units.
     """
 
     def __init__(
@@ -100,7 +106,7 @@ class BoltzmannTarget:
             )
         self.topology = topology
         self.temperature = as_temperature(temperature)
-        self.kT = (unit.MOLAR_GAS_CONSTANT_R * self.temperature).value_in_unit(unit.kilojoule_per_mole)
+        self.kT_kj_per_mol = (unit.MOLAR_GAS_CONSTANT_R * self.temperature).value_in_unit(unit.kilojoule_per_mole)
         self.name = name
         self.platform = platform
         self.n_atoms = self.system.getNumParticles()
@@ -131,6 +137,12 @@ class BoltzmannTarget:
             f"backend must be 'auto', 'torch', 'torch-compiled', 'openmm' or an EnergyBackend instance, got {backend!r}"
         )
 
+    @property
+    def kT(self) -> float:
+        """Deprecated name of :attr:`kT_kj_per_mol` (it holds kJ/mol, not an energy in kT)."""
+        warnings.warn("BoltzmannTarget.kT is deprecated; use kT_kj_per_mol", DeprecationWarning, stacklevel=2)
+        return self.kT_kj_per_mol
+
     # ------------------------------------------------------------------ energies
     def energy_and_forces(self, x, allow_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduced energies U/kT ``[B]`` and forces -grad(U/kT) ``[B, N, 3]`` in 1/nm.
@@ -143,16 +155,16 @@ class BoltzmannTarget:
         if not allow_nonfinite:
             self._check_units(x)
         energy, forces = self.backend.energy_and_forces(x)
-        energy = energy / self.kT
+        energy = energy / self.kT_kj_per_mol
         self._check_finite(energy, allow_nonfinite)
-        return energy, forces / self.kT
+        return energy, forces / self.kT_kj_per_mol
 
     def energy(self, x, allow_nonfinite: bool = False) -> torch.Tensor:
         """Reduced energies U/kT ``[B]`` for positions ``[B, N, 3]`` in nm."""
         x = as_positions_nm(x, self.n_atoms)
         if not allow_nonfinite:
             self._check_units(x)
-        energy = self.backend.energy(x) / self.kT
+        energy = self.backend.energy(x) / self.kT_kj_per_mol
         self._check_finite(energy, allow_nonfinite)
         return energy
 

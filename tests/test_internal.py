@@ -139,7 +139,7 @@ def _chain_target():
     """Five atoms in a chain with harmonic bonds and angles only: Z factorises over them."""
     topology, system = carbon_chain(5, "CHN")
     target = BoltzmannTarget(system, topology, 300 * unit.kelvin, name="chain")
-    beta = 1 / target.kT
+    beta = 1 / target.kT_kj_per_mol
     bond_z = integrate.quad(lambda b: b**2 * math.exp(-beta * 100_000.0 * (b - 0.15) ** 2), 0.1, 0.2, epsabs=0, epsrel=1e-12)[0]
     angle_z = integrate.quad(lambda a: math.sin(a) * math.exp(-beta * 150.0 * (a - 1.9) ** 2), 0, math.pi, epsabs=0, epsrel=1e-12)[0]
     # 8 pi^2 orientations, 2 free dihedrals; the Gaussian CoM adjustment integrates to 1.

@@ -70,8 +70,8 @@ def test_flow_force_matches_flow_energy_and_autograd(ad2, flow_path, platform):
     for i in range(len(x)):
         context.setPositions(x[i].numpy())
         state = context.getState(getEnergy=True, getForces=True)
-        np.testing.assert_allclose(state.getPotentialEnergy() / unit.kilojoule_per_mole / ad2.kT, energy[i], rtol=1e-6)
-        forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer) / ad2.kT
+        np.testing.assert_allclose(state.getPotentialEnergy() / unit.kilojoule_per_mole / ad2.kT_kj_per_mol, energy[i], rtol=1e-6)
+        forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer) / ad2.kT_kj_per_mol
         np.testing.assert_allclose(forces, -grad[i].numpy(), rtol=1e-4, atol=1e-3 * float(grad[i].abs().max()))
 
 
@@ -106,8 +106,8 @@ def test_torchscript_module_matches_flow(ad2, flow_path):
         xi = x[i].clone().requires_grad_(True)
         value = module(xi)
         (module_grad,) = torch.autograd.grad(value, xi)
-        assert float(value.detach()) / ad2.kT == pytest.approx(float(energy[i]), rel=1e-5)  # float32 sums
-        np.testing.assert_allclose(module_grad.numpy() / ad2.kT, grad[i].numpy(), rtol=1e-4, atol=1e-4)
+        assert float(value.detach()) / ad2.kT_kj_per_mol == pytest.approx(float(energy[i]), rel=1e-5)  # float32 sums
+        np.testing.assert_allclose(module_grad.numpy() / ad2.kT_kj_per_mol, grad[i].numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_torch_force_needs_openmm_torch(ad2, flow_path):
@@ -135,7 +135,7 @@ def test_annealed_system_is_the_interpolation(ad2, flow_path, platform, com_adju
         context.setParameter("lambda_sbg", lam)
         for i in range(len(x)):
             context.setPositions(x[i].numpy())
-            energy = context.getState(getEnergy=True).getPotentialEnergy() / unit.kilojoule_per_mole / ad2.kT
+            energy = context.getState(getEnergy=True).getPotentialEnergy() / unit.kilojoule_per_mole / ad2.kT_kj_per_mol
             expected = (1 - lam) * float(e_flow[i]) + lam * (float(e_ff[i]) + float(e_com[i]))
             assert energy == pytest.approx(expected, abs=1e-3), (lam, i)
 

@@ -39,7 +39,7 @@ def test_builtin_system_matches_spec_and_minimises(get_target, name):
     openmm.LocalEnergyMinimizer.minimize(context, 10.0, 200)
     minimised = context.getState(energy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     assert np.isfinite(minimised)
-    assert minimised <= target.energy(target.positions).item() * target.kT + 1e-6
+    assert minimised <= target.energy(target.positions).item() * target.kT_kj_per_mol + 1e-6
 
 
 def test_unknown_system_lists_the_choices():

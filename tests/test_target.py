@@ -29,14 +29,16 @@ def test_energies_equal_openmm_for_perturbed_configurations(get_target, name):
     x = target.positions[None] + rng.normal(scale=0.02, size=(5, target.n_atoms, 3))
     energy_kT, forces_kT = target.energy_and_forces(torch.from_numpy(x))
     ref_energy, ref_forces = openmm_reference(target.system, x)
-    np.testing.assert_allclose(energy_kT.numpy() * target.kT, ref_energy, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(energy_kT.numpy() * target.kT_kj_per_mol, ref_energy, rtol=1e-6, atol=1e-6)
     scale = np.abs(ref_forces).max()
-    np.testing.assert_allclose(forces_kT.numpy() * target.kT, ref_forces, atol=1e-5 * scale)
+    np.testing.assert_allclose(forces_kT.numpy() * target.kT_kj_per_mol, ref_forces, atol=1e-5 * scale)
     np.testing.assert_allclose(target.energy(torch.from_numpy(x)).numpy(), energy_kT.numpy(), rtol=1e-10)
 
 
 def test_kT_and_units(ad2):
-    assert ad2.kT == pytest.approx(0.0083144626 * 300, rel=1e-6)
+    assert ad2.kT_kj_per_mol == pytest.approx(0.0083144626 * 300, rel=1e-6)
+    with pytest.warns(DeprecationWarning, match="kT_kj_per_mol"):
+        assert ad2.kT == ad2.kT_kj_per_mol  # the old name, which read like an energy in kT
     assert ad2.temperature == 300 * unit.kelvin
     assert ad2.n_atoms == 22 and ad2.masses.shape == (22,)
     quantity = (ad2.positions * 10) * unit.angstrom

@@ -92,7 +92,7 @@ class HarmonicBonds(BondedTerm):
 
 
 class HarmonicAngles(BondedTerm):
-    """``k/2 (theta - theta0)^2`` over atoms ``(i, j, k)``, ``j`` the vertex; ``theta0`` in rad, ``k`` in kJ/mol/rad^2."""
+    """``k/2 (theta - theta0)^2`` over atoms ``(i, j, k)``; ``theta0`` in rad, ``k`` in kJ/mol/rad^2."""
 
     parameter_names = ("theta0", "k")
 

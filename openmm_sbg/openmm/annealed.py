@@ -26,14 +26,16 @@ from openmmtools import states
 
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.openmm.flow_force import create_flow_force, resolve_flow
-from openmm_sbg.smc.proposal import COM_ADJUSTMENTS
+from openmm_sbg.smc.proposal import COM_ADJUSTMENTS, DEFAULT_COM_ADJUSTMENT
 
 #: Name of the global parameter that moves the System along the path.
 LAMBDA = "lambda_sbg"
 
 
-def com_restraint_force(n_atoms: int, com_std: float, kT: float, kind: str = "chi3") -> openmm.CustomCentroidBondForce:
-    """``E_com = -kT log rho(c)`` kJ/mol of the unweighted mean ``c`` of all positions.
+def com_restraint_force(
+    n_atoms: int, com_std: float, kT: float, kind: str = DEFAULT_COM_ADJUSTMENT
+) -> openmm.CustomCentroidBondForce:
+    """``E_com = -kT log rho(c)`` kJ/mol of the unweighted mean ``c`` of all positions (``kT`` in kJ/mol).
 
     The same function as :func:`openmm_sbg.smc.proposal.com_log_density` (constants
     included), built from OpenMM's centroid force so that it runs on every platform.
@@ -56,7 +58,7 @@ def com_restraint_force(n_atoms: int, com_std: float, kT: float, kind: str = "ch
 def create_annealed_system(
     target,
     flow: TarFlow | str | os.PathLike,
-    com_adjustment: str = "chi3",
+    com_adjustment: str = DEFAULT_COM_ADJUSTMENT,
     lambda_sbg: float = 1.0,
 ) -> openmm.System:
     """One System interpolating between the flow (``lambda_sbg = 0``) and the target (``1``).
@@ -101,7 +103,7 @@ def create_annealed_system(
         target_terms.append(f"ff{i}")
     if com_adjustment != "none":
         cv_force.addCollectiveVariable(
-            "com", com_restraint_force(target.n_atoms, flow_model.com_std, target.kT, com_adjustment)
+            "com", com_restraint_force(target.n_atoms, flow_model.com_std, target.kT_kj_per_mol, com_adjustment)
         )
         target_terms.append("com")
     cv_force.setEnergyFunction(f"(1 - {LAMBDA})*flow + {LAMBDA}*({' + '.join(target_terms)})")
@@ -135,7 +137,7 @@ def create_annealed_state(
     target,
     flow: TarFlow | str | os.PathLike,
     lambda_sbg: float = 0.0,
-    com_adjustment: str = "chi3",
+    com_adjustment: str = DEFAULT_COM_ADJUSTMENT,
 ) -> states.CompoundThermodynamicState:
     """A ``CompoundThermodynamicState`` of the annealed System at the target's temperature.
 

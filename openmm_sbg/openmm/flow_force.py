@@ -94,27 +94,28 @@ class FlowEnergy:
 
     def __init__(self, flow: TarFlow | str | os.PathLike, temperature):
         self.flow, self.checkpoint_path = resolve_flow(flow)
-        self.kT = molar_kT(temperature)
+        self.kT_kj_per_mol = molar_kT(temperature)
 
     def energy_and_forces(self, positions: np.ndarray) -> tuple[float, np.ndarray]:
         """Energy (kJ/mol) and forces (kJ/mol/nm ``[N, 3]``) of positions ``[N, 3]`` in nm."""
         x = torch.as_tensor(np.asarray(positions, dtype=np.float64)).unsqueeze(0)
         energy, grad = source_energy(self.flow, x, need_grad=True)
-        return self.kT * float(energy[0]), -self.kT * grad[0].numpy()
+        return self.kT_kj_per_mol * float(energy[0]), -self.kT_kj_per_mol * grad[0].numpy()
 
     def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
         return self.energy_and_forces(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
 
     def __getstate__(self) -> dict:
-        return {"kT": self.kT, "checkpoint_path": self.checkpoint_path}
+        # The key stays "kT": Systems serialised with earlier versions hold it.
+        return {"kT": self.kT_kj_per_mol, "checkpoint_path": self.checkpoint_path}
 
     def __setstate__(self, state: dict) -> None:
-        self.kT = state["kT"]
+        self.kT_kj_per_mol = state["kT"]
         self.checkpoint_path = state["checkpoint_path"]
         self.flow = load_shared(self.checkpoint_path)
 
     def __repr__(self) -> str:
-        return f"FlowEnergy({self.checkpoint_path!r}, kT={self.kT:.4f} kJ/mol)"
+        return f"FlowEnergy({self.checkpoint_path!r}, kT={self.kT_kj_per_mol:.4f} kJ/mol)"
 
 
 def create_flow_force(flow: TarFlow | str | os.PathLike, temperature) -> openmm.PythonForce:
@@ -139,15 +140,15 @@ def create_flow_force(flow: TarFlow | str | os.PathLike, temperature) -> openmm.
 class FlowEnergyModule(torch.nn.Module):
     """``positions [N, 3] nm -> kT (-log q)`` kJ/mol, the interface of ``openmmtorch.TorchForce``."""
 
-    def __init__(self, flow: TarFlow, kT: float):
+    def __init__(self, flow: TarFlow, kT_kj_per_mol: float):
         super().__init__()
         self.flow = flow
-        self.kT = kT
+        self.kT_kj_per_mol = kT_kj_per_mol
         self.dtype = module_dtype_device(flow)[0]
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         energy = self.flow.energy(positions.to(self.dtype).unsqueeze(0))[0]
-        return (self.kT * energy).to(positions.dtype)
+        return (self.kT_kj_per_mol * energy).to(positions.dtype)
 
 
 def flow_energy_module(flow: TarFlow | str | os.PathLike, temperature) -> torch.jit.ScriptModule:

@@ -31,6 +31,7 @@ from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.openmm.annealed import create_annealed_state
 from openmm_sbg.smc.kernels import KernelInfo, PathState, Potential
+from openmm_sbg.smc.proposal import DEFAULT_COM_ADJUSTMENT
 
 
 def default_move() -> mcmc.LangevinDynamicsMove:
@@ -78,7 +79,7 @@ class OpenMMMoveKernel:
         target,
         flow: TarFlow | str | os.PathLike,
         move: mcmc.MCMCMove | None = None,
-        com_adjustment: str = "chi3",
+        com_adjustment: str = DEFAULT_COM_ADJUSTMENT,
         platform: str | None = None,
     ):
         self.thermodynamic_state = create_annealed_state(target, flow, 0.0, com_adjustment)

@@ -21,9 +21,11 @@ puts into its importance weights (``log w = -u(x) + log rho(c) - log q(x)``,
 Steps 1-2 leave the Boltzmann distribution of ``y`` invariant whatever the input CoM, and
 step 3 means the move never changes the CoM, so it composes exactly with any other move
 (Langevin dynamics lets the CoM diffuse freely) and the flow is only ever evaluated near the
-CoMs it was trained on. The default ``rho`` is ``"gaussian"``, ``N(0, com_std^2 I)``, the
-CoM distribution the flow was trained with: then ``w`` barely depends on ``c`` and the
-acceptance is highest. ``"chi3"`` (the SMC default) is also exact, at a lower acceptance.
+CoMs it was trained on. The default ``rho`` is the package's one,
+:data:`~openmm_sbg.smc.proposal.DEFAULT_COM_ADJUSTMENT` (``"chi3"``, as in
+:class:`~openmm_sbg.SMCSampler`, so the move and the sampler weight the same density).
+``"gaussian"``, ``N(0, com_std^2 I)``, the CoM distribution the flow was trained with, is
+also exact and accepts more often: ``w`` then barely depends on ``c``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from openmmtools import cache, mcmc, states
 
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.openmm.flow_force import load_shared, resolve_flow
-from openmm_sbg.smc.proposal import com_log_density, module_dtype_device
+from openmm_sbg.smc.proposal import DEFAULT_COM_ADJUSTMENT, com_log_density, module_dtype_device
 
 MOVE_COM_ADJUSTMENTS = ("gaussian", "chi3")
 
@@ -76,7 +78,8 @@ class FlowIndependenceMove(mcmc.MCMCMove):
     n_attempts
         Independence MH steps per :meth:`apply`; their proposals are drawn in one batch.
     com_adjustment
-        CoM density ``rho``: ``"gaussian"`` (default) or ``"chi3"``; see the module docstring.
+        CoM density ``rho``: ``"chi3"`` (default, the sampler's) or ``"gaussian"`` (higher
+        acceptance); see the module docstring.
 
     Attributes
     ----------
@@ -84,7 +87,9 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         Acceptance counts since creation (or the last :meth:`reset_statistics`).
     """
 
-    def __init__(self, flow: TarFlow | str | os.PathLike, n_attempts: int = 1, com_adjustment: str = "gaussian"):
+    def __init__(
+        self, flow: TarFlow | str | os.PathLike, n_attempts: int = 1, com_adjustment: str = DEFAULT_COM_ADJUSTMENT
+    ):
         super().__init__()
         if n_attempts < 1:
             raise ValueError(f"n_attempts must be at least 1, got {n_attempts}")

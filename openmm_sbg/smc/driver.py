@@ -248,7 +248,8 @@ class SMCSampler:
             # how the particles are split over processes.
             noise = torch.randn((len(alive), *local.x.shape[1:]), dtype=torch.float64, generator=generator)
             uniform = torch.rand(len(alive), dtype=torch.float64, generator=generator)
-            moved, moved_acceptance = self._apply_kernel(local.select(local_alive), t, step_size, noise[mine], uniform[mine])
+            moving = local.select(local_alive)
+            moved, moved_acceptance = self._apply_kernel(moving, t, step_size, noise[mine], uniform[mine])
             if moved is not None:
                 local.assign(local_alive, moved)
             moved_acceptance = self._after_move(state, alive, moved_acceptance)
@@ -288,7 +289,7 @@ class SMCSampler:
             **dataclasses.asdict(run.counts),
             "seed": run.seed,
             "system": getattr(self.target, "name", None),
-            "kT_kJ_per_mol": getattr(self.target, "kT", None),
+            "kT_kJ_per_mol": getattr(self.target, "kT_kj_per_mol", None),
             "n_resampling": int(diagnostics["resampled"].sum()) if len(diagnostics["resampled"]) else 0,
             "seconds": seconds,
         }

@@ -99,7 +99,8 @@ class SMCOptions:
         ):
             raise ValueError(
                 "need n_particles >= 1, n_steps >= 0, n_mcmc_steps >= 1, batch_size >= 1 and checkpoint_every >= 1; "
-                f"got {self.n_particles}, {self.n_steps}, {self.n_mcmc_steps}, {self.batch_size}, {self.checkpoint_every}"
+                f"got {self.n_particles}, {self.n_steps}, {self.n_mcmc_steps}, {self.batch_size}, "
+                f"{self.checkpoint_every}"
             )
         if not self.step_size > 0:
             raise ValueError(f"step_size must be positive (nm^2), got {self.step_size}")

@@ -24,7 +24,10 @@ class SMCResult:
         ``[K]`` log importance weights of ``positions`` (all zero after the final
         resampling; ``-inf`` for particles with zero weight).
     energies
-        ``[K]`` target energies ``E_T`` in kT.
+        ``[K]`` target energies ``E_T`` in kT. Energies held in memory are in kT throughout
+        the package (the engine's unit), so the name carries no unit; in files, which other
+        tools read, the unit is part of the name: :meth:`save` writes this as ``energies_kT``,
+        as ``openmm-sbg md`` writes its frames' energies.
     log_z
         Estimate of ``log(Z_T / Z_S)``, the log normaliser of ``exp(-E_T)`` relative to the
         proposal's (see :mod:`openmm_sbg.smc.proposal` for the CoM convention).

@@ -20,7 +20,7 @@ class _AnalyticTarget:
     n_atoms: int
     name = "analytic"
     topology = None
-    kT = 1.0
+    kT_kj_per_mol = 1.0
 
     def _energy(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
