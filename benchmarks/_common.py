@@ -1,7 +1,7 @@
-"""Helpers shared by the time-to-quality, SMC-throughput and free-energy benchmarks.
+"""Helpers shared by every benchmark script (none imports another script).
 
-Not part of the package: machine description, the RESULTS.md section writer, reference
-loading and the alanine-dipeptide basin definitions.
+Not part of the package: machine description (with the GPUs torch sees), the RESULTS.md
+section writer, timing, reference loading and the alanine-dipeptide basin definitions.
 """
 
 from __future__ import annotations
@@ -26,16 +26,22 @@ WORK = ROOT / "runs" / "bench"
 
 
 def machine() -> str:
-    """One line: CPU model, cores, load, versions."""
+    """One line: CPU model, cores, the GPUs torch sees (or "no GPU"), load, versions."""
     import mdtraj
     import openmm
     import torch
 
-    names = re.findall(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    cpu = names[0].strip() if names else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"model name\s*:\s*(.*)", cpuinfo.read_text()) if cpuinfo.exists() else []
+    cpu = names[0].strip() if names else platform.processor() or platform.machine()
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        gpu = f"{len(gpus)} GPU(s): {', '.join(gpus)}"
+    else:
+        gpu = "no GPU"
     return (
-        f"{cpu}, {os.cpu_count()} cores (nproc), no GPU; Python {platform.python_version()}, "
+        f"{cpu}, {os.cpu_count()} cores (nproc), {gpu}; Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} thread(s)), OpenMM {openmm.__version__}, "
         f"mdtraj {mdtraj.__version__}; load average at start {load}"
     )

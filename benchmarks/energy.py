@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
+import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import openmm
 import torch
 
 from openmm_sbg import systems
 from openmm_sbg.energy import EnergyBackend, OpenMMBackend, ProcessPoolBackend, TorchForceField
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine, write_section  # noqa: E402
+
 HEADING = "## Energy backends"
 #: The one-Context loop costs the same per configuration at every batch size, so it is timed
 #: on at most this many configurations (keeps the run to minutes).
@@ -56,19 +55,6 @@ def throughput(backend: EnergyBackend, x: torch.Tensor, min_seconds: float) -> f
             torch.cuda.synchronize()
         calls += 1
     return calls * x.shape[0] / (time.perf_counter() - start)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        names = re.findall(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-        cpu = names[0] if names else cpu
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    load = ", load average at start %.1f / %.1f / %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return (
-        f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"OpenMM {openmm.__version__}, Python {platform.python_version()}{load}"
-    )
 
 
 def run(names: list[str], batch_sizes: list[int], min_seconds: float) -> str:
@@ -123,18 +109,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    """Replace (or append) the "Energy backends" section of RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{HEADING}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", nargs="+", default=["ad2", "al6"])
@@ -163,7 +137,7 @@ so absolute numbers vary from run to run; the ratios are measured side by side.
 """
     print(results)
     if not args.no_write:
-        write_section(body)
+        write_section(HEADING, body)
 
 
 if __name__ == "__main__":

@@ -28,21 +28,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    BASIN_RULE,
-    BASINS,
-    DATA,
-    ROOT,
-    WORK,
-    basin_labels,
-    command_line,
-    default_flow,
-    dihedrals_and_energies,
-    load_json,
-    machine,
-    publish,
-    save_json,
-)
+from _common import BASIN_RULE, BASINS, DATA, ROOT, WORK, basin_labels, command_line, default_flow  # noqa: E402
+from _common import dihedrals_and_energies, load_json, machine, publish, save_json  # noqa: E402
+from _sbg_runs import METHODS, Scorer, default_budgets, groups_of, run_sbg  # noqa: E402
 
 HEADING = "## Free energy"
 PAIRS = ((0, 1), (0, 2))  # dF(C7eq/beta -> alphaR), dF(C7eq/beta -> alphaL/C7ax)
@@ -99,11 +87,10 @@ def md_analysis(path: str, blocks: int) -> dict:
 
 
 def sbg_groups(rows: list[dict]) -> list[dict]:
-    import time_to_quality as ttq
 
     groups = []
-    for method in ttq.METHODS:
-        for label, group in ttq.groups_of([r for r in rows if r["method"] == method]):
+    for method in METHODS:
+        for label, group in groups_of([r for r in rows if r["method"] == method]):
             pops = np.array([r["populations"] for r in group])
             log_z = np.array([r["log_z"] for r in group])
             m = len(group)
@@ -134,19 +121,18 @@ FREE_ENERGY_BUDGETS = {"IS": "K=4000", "SMC linear+ULA (paper)": "K=250 L=100", 
 
 def extra_runs(n_seeds: int, flow_path: str, reference: str, max_samples: int, known: list[dict]) -> list[dict]:
     """Seeds 0..n_seeds-1 of each method's :data:`FREE_ENERGY_BUDGETS` budget that ``known`` lacks."""
-    import time_to_quality as ttq
     from openmm_sbg import TarFlow, systems
 
     flow = TarFlow.load(flow_path)
     target = systems.get("ad2")
-    scorer = ttq.Scorer(reference, max_samples)
+    scorer = Scorer(reference, max_samples)
     rows = []
-    for method, budgets in ttq.default_budgets(False).items():
+    for method, budgets in default_budgets(False).items():
         spec = next(b for b in budgets if b["label"] == FREE_ENERGY_BUDGETS[method])
         have = {r["seed"] for r in known if (r["method"], r["budget"]) == (method, spec["label"])}
         missing = [s for s in range(n_seeds) if s not in have]
         if missing:
-            rows += ttq.run_sbg(target, flow, scorer, {method: [spec]}, WORK / "ttq-samples", seeds=missing)
+            rows += run_sbg(target, flow, scorer, {method: [spec]}, WORK / "ttq-samples", seeds=missing)
     return rows
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 
@@ -31,6 +32,9 @@ from openmm_sbg.energy import OpenMMBackend
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.smc import SMCSampler, ula_step
 from openmm_sbg.smc.proposal import source_energy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
 
 #: Largest error allowed, relative to (1 + the largest reference magnitude): fp32 paths must
 #: agree to round-off; bf16 keeps ~3 significant digits in the matrix products.
@@ -198,7 +202,7 @@ def main() -> int:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "no GPU: CPU rows only"
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads", flush=True)
+    print(machine(), flush=True)
     checker = Checker(args.min_seconds, args.budget_s)
     for name in args.systems:
         check_system(name, args.batch, checker, cuda)

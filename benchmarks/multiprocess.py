@@ -9,10 +9,9 @@ SMC: the same flow annealed to the ad2 force field, particle-steps per second.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine, write_section  # noqa: E402
+
 HEADING = "## Multi-process"
 TRAIN_STEPS, BATCH, PARTICLES, SMC_STEPS = 22, 128, 256, 4
 
@@ -72,13 +73,10 @@ def main() -> None:
         runs = [launch(n, Path(tmp) / f"{n}.json") for n in (1, 2)]
     one, two = runs
     lines = [
-        HEADING,
-        "",
-        f"`python benchmarks/multiprocess.py` on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}, gloo, one thread per process. Training: TarFlow width 64, 4x2 layers, ad2, "
+        f"`python benchmarks/multiprocess.py` on {machine()}; gloo, one thread per process. Training: TarFlow width 64, 4x2 layers, ad2, "
         f"global batch {BATCH}, optimiser steps 3-{TRAIN_STEPS} (no start-up; with the per-epoch validation of 64 frames, which every process repeats). SMC: the same flow, "
         f"{PARTICLES} particles, {SMC_STEPS} ULA steps on the ad2 torch force field (whole run, including proposal "
-        f"draws). Load average before the run: {os.getloadavg()[0]:.1f} (a shared machine: expect noise).",
+        "draws). A shared machine: expect noise.",
         "",
         "| processes | training steps/s | SMC particle-steps/s |",
         "|---:|---:|---:|",
@@ -87,16 +85,16 @@ def main() -> None:
         f"{two['smc_particle_steps_per_s'] / one['smc_particle_steps_per_s']:.2f}x |",
         "",
     ]
-    section = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-    print(section)
+    body = "\n".join(lines)
+    write_section(HEADING, body)
+    print(body)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker(Path(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", type=Path, metavar="OUT", help=argparse.SUPPRESS)  # set by launch()
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.worker)
     else:
         main()
