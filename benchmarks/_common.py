@@ -133,6 +133,11 @@ def command_line(script: str, argv) -> str:
     return f"nice python benchmarks/{script} {' '.join(args)}".rstrip()
 
 
+def header(results: dict, description: str) -> list[str]:
+    """The first lines of a RESULTS.md section: the machine, then the command and what it ran."""
+    return [f"Machine: {results['machine']}.", "", f"Command: `{results['command']}`. {description}"]
+
+
 def publish(results: dict, json_name: str, heading: str, text: str, write: bool = True) -> None:
     """Print the section; unless ``write`` is false, keep the JSON and rewrite the RESULTS.md section."""
     print(text)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from _common import ROOT, Timer, basin_labels, dihedrals_and_energies, populations
 
 #: Sampler options of each method; budgets (particles, steps, seeds) come from :func:`default_budgets`.

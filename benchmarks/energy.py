@@ -24,7 +24,12 @@ import numpy as np
 import torch
 
 from openmm_sbg import systems
-from openmm_sbg.energy import EnergyBackend, OpenMMBackend, ProcessPoolBackend, TorchForceField
+from openmm_sbg.energy import (
+    EnergyBackend,
+    OpenMMBackend,
+    ProcessPoolBackend,
+    TorchForceField,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, write_section  # noqa: E402

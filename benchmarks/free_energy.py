@@ -28,8 +28,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import BASIN_RULE, BASINS, DATA, ROOT, WORK, basin_labels, command_line, default_flow  # noqa: E402
-from _common import dihedrals_and_energies, load_json, machine, publish, save_json  # noqa: E402
+from _common import (  # noqa: E402  # noqa: E402
+    BASIN_RULE,
+    BASINS,
+    DATA,
+    ROOT,
+    WORK,
+    basin_labels,
+    command_line,
+    default_flow,
+    dihedrals_and_energies,
+    header,
+    load_json,
+    machine,
+    publish,
+    save_json,
+)
 from _sbg_runs import METHODS, Scorer, default_budgets, groups_of, run_sbg  # noqa: E402
 
 HEADING = "## Free energy"
@@ -148,13 +162,13 @@ def fmt(value, err=None, digits=3) -> str:
 
 def report(results: dict) -> str:
     names = " / ".join(BASINS)
-    lines = [
-        f"Machine: {results['machine']}.",
-        "",
-        f"Command: `{results['command']}`. Basins: {BASIN_RULE}. dF(A->B) = -ln(p_B / p_A) in kT. "
+    lines = header(
+        results,
+        f"Basins: {BASIN_RULE}. dF(A->B) = -ln(p_B / p_A) in kT. "
         f"MD errors: `pymbar.timeseries.statistical_inefficiency` of each basin indicator (g, in frames of the file), "
         f"and the standard error over {results['md'][0]['blocks']} contiguous blocks. SBG errors: standard error over seeds. "
         "All populations use the samples' final weights; SBG dF comes from the seed-averaged populations.",
+    ) + [
         "",
         f"| source | samples | wall-clock | {names} (g errors for MD) | block errors (MD) | dF(C7eq->alphaR) kT | dF(C7eq->alphaL) kT |",
         "|---|---|---|---|---|---|---|",

@@ -34,6 +34,7 @@ from _common import (  # noqa: E402
     basin_labels,
     command_line,
     dihedrals_and_energies,
+    header,
     machine,
     populations,
     publish,
@@ -133,14 +134,8 @@ def mean_sd(rows: list[dict], key: str, digits: int) -> str:
 
 def report(results: dict) -> str:
     floor = results["noise_floor"]
-    lines = [
-        f"Machine: {results['machine']}.",
-        "",
-        f"Command: `{results['command']}`. Target `ad2` at 300 K; reference: the shipped `ad2-ref.h5` "
-        f"(10 ns, independent of all training data). Mean ± sd over {results['seeds']} seeds. IS: "
-        f"{results['n_proposals']:,} proposals, top 0.2% of log-weights clipped (as the paper). SMC: "
-        f"{results['smc_particles']:,} particles, {results['smc_steps']} linear steps, one adaptive MALA move per step. Populations: "
-        f"{' / '.join(BASINS)}.",
+    what = f"Target `ad2` at 300 K; reference: the shipped `ad2-ref.h5` (10 ns, independent of all training data). Mean ± sd over {results['seeds']} seeds. IS: {results['n_proposals']:,} proposals, top 0.2% of log-weights clipped (as the paper). SMC: {results['smc_particles']:,} particles, {results['smc_steps']} linear steps, one adaptive MALA move per step. Populations: {' / '.join(BASINS)}."
+    lines = [*header(results, what),
         "",
         "| flow | repr. | params | training | method | ESS | E-W2 (kT) | T-W2 | populations | D-Ala | log Z | wall (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

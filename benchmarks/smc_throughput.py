@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, command_line, machine, publish  # noqa: E402
+from _common import ROOT, command_line, header, machine, publish  # noqa: E402
 
 HEADING = "## SMC throughput"
 
@@ -82,15 +82,15 @@ def measure(preset: str, x: torch.Tensor, repeats: int, step_size: float) -> dic
 
 
 def report(results: dict) -> str:
-    lines = [
-        f"Machine: {results['machine']}.",
-        "",
-        f"Command: `{results['command']}`. One SMC move (`ula_step`: flow energy + gradient and force-field "
+    lines = header(
+        results,
+        f"One SMC move (`ula_step`: flow energy + gradient and force-field "
         f"energy + forces for every particle, plus the Langevin update) on {results['particles']} ad2 MD frames, batch = all "
         f"particles, median of {results['repeats']} rounds after a warm-up round, the calls of each round interleaved; flows with untrained weights, float32; torch with "
         f"{results['threads']} thread(s). `openmm-loop` is one OpenMM Context called per particle (the paper's approach) "
         "on the Reference platform, the faster one for this 22-atom system here (the CPU platform's force-field-only speed is shown too). "
         "Same flow, particles and process for both columns.",
+    ) + [
         "",
         "| flow preset | parameters | SMC step, batched (particles/s) | SMC step, openmm-loop Reference (particles/s) | ratio | "
         "flow alone (particles/s) | force field alone: batched / loop Reference / loop CPU (particles/s) | flow share of batched step |",

@@ -27,7 +27,16 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import BASIN_RULE, BASINS, WORK, basin_labels, command_line, machine, publish  # noqa: E402
+from _common import (  # noqa: E402
+    BASIN_RULE,
+    BASINS,
+    WORK,
+    basin_labels,
+    command_line,
+    header,
+    machine,
+    publish,
+)
 
 HEADING = "## Rare basin: umbrella sampling reference"
 STORE = WORK / "umbrella"
@@ -183,14 +192,8 @@ def fmt(p: float, e: float) -> str:
 
 def report(results: dict) -> str:
     s = results["settings"]
-    lines = [
-        f"Machine: {results['machine']}.",
-        "",
-        f"Command: `{results['command']}`. {s['windows']} windows along phi (periodic harmonic bias, "
-        f"k = {s['k']:g} kJ/mol/rad²), {s['equilibration_ps']:g} ps equilibration + {s['ps']:g} ps recorded per window "
-        f"((phi, psi) every {s['sample_ps']:g} ps), Langevin 1 fs, friction 1/ps, OpenMM Reference platform, one core; "
-        "MBAR (pymbar) on the samples of each window decorrelated with `timeseries.subsample_correlated_data`. "
-        f"Basins: {BASIN_RULE}.",
+    what = f"{s['windows']} windows along phi (periodic harmonic bias, k = {s['k']:g} kJ/mol/rad²), {s['equilibration_ps']:g} ps equilibration + {s['ps']:g} ps recorded per window ((phi, psi) every {s['sample_ps']:g} ps), Langevin 1 fs, friction 1/ps, OpenMM Reference platform, one core; MBAR (pymbar) on the samples of each window decorrelated with `timeseries.subsample_correlated_data`. Basins: {BASIN_RULE}."
+    lines = [*header(results, what),
         "",
         "| T (K) | repeats | C7eq/beta | alphaR | alphaL/C7ax (phi > 0) | dF(C7eq/beta -> alphaL/C7ax) (kT) | simulated ns per repeat | wall-clock per repeat | to a 20% answer on alphaL/C7ax |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -38,41 +38,32 @@ DATA_SOURCES = ("md", "replica-exchange")
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """Settings of :func:`run_pipeline`; stored in the folder, so a rerun must use the same.
-
-    Parameters
-    ----------
-    data
-        ``"md"`` (plain Langevin MD at the target temperature) or ``"replica-exchange"``
-        (a geometric temperature ladder up to ``t_max_K`` with ``n_replicas`` replicas).
-    ns
-        Simulated time to record (per replica for replica exchange).
-    frame_interval_ps
-        Time between frames (and between exchange attempts).
-    preset
-        Flow architecture (:func:`openmm_sbg.flow.preset_names`).
-    training
-        :class:`~openmm_sbg.flow.TrainOptions` of the maximum-likelihood fit.
-    n_particles, n_steps, kernel
-        Sampler settings (``n_steps=0``: importance sampling); see :class:`~openmm_sbg.smc.SMCSampler`.
-    sample_temperatures_K
-        Temperatures to sample besides the target's, from the same flow.
-    seed
-        Seed of the data, the training and the sampling.
-    """
+    """Settings of :func:`run_pipeline`, stored in the folder: a rerun must use the same."""
 
     data: str = "md"
+    """``"md"`` (Langevin MD at the target temperature) or ``"replica-exchange"`` (a geometric ladder)."""
     ns: float = 20.0
+    """Simulated time to record, in ns (per replica for replica exchange)."""
     frame_interval_ps: float = 1.0
+    """Time between frames (and between exchange attempts)."""
     t_max_K: float = 600.0
+    """Replica exchange: the ladder's highest temperature."""
     n_replicas: int = 8
+    """Replica exchange: temperatures in the ladder."""
     preset: str = "ad2-small"
+    """Flow architecture (:func:`openmm_sbg.flow.preset_names`)."""
     training: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=3000, batch_size=256, lr=1e-3))
+    """:class:`~openmm_sbg.flow.TrainOptions` of the maximum-likelihood fit (its seed is ``seed``)."""
     n_particles: int = 2000
+    """Sampler particles (proposals for importance sampling)."""
     n_steps: int = 50
+    """Annealing steps; 0 is importance sampling."""
     kernel: str = "mala"
+    """Langevin move of the sampler (:class:`~openmm_sbg.smc.SMCOptions`)."""
     sample_temperatures_K: tuple[float, ...] = ()
+    """Temperatures to sample besides the target's, from the same flow."""
     seed: int = 0
+    """Seed of the data, the training and the sampling."""
 
     def __post_init__(self):
         if self.data not in DATA_SOURCES:
@@ -173,7 +164,11 @@ def _make_data(target, folder, config: PipelineConfig, platform, progress) -> di
     out = os.path.join(folder, "data.h5")
     if config.data == "md":
         return run_md(target, out, md, platform=platform, progress=progress)
-    from openmm_sbg.replica_exchange import ReplicaExchangeConfig, geometric_ladder, run_replica_exchange
+    from openmm_sbg.replica_exchange import (
+        ReplicaExchangeConfig,
+        geometric_ladder,
+        run_replica_exchange,
+    )
 
     ladder = geometric_ladder(_kelvin(target), config.t_max_K, config.n_replicas)
     return run_replica_exchange(

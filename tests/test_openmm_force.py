@@ -22,6 +22,7 @@ from openmm_sbg.openmm import (
     flow_energy_module,
 )
 from openmm_sbg.smc.proposal import com_energy
+from toy_molecules import save_perturbed
 
 PLATFORMS = ["Reference", "CPU"]
 
@@ -33,12 +34,7 @@ def flow_path(request, tmp_path_factory):
     target = systems.get("ad2", platform="Reference")
     flow = TarFlow(dataclasses.replace(get_preset("ad2-small"), representation=request.param), target=target, std=0.3)
     flow.representation.fit(_configurations(target, n=64))
-    with torch.no_grad():
-        for parameter in flow.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    path = tmp_path_factory.mktemp("flow") / "flow.pt"
-    flow.save(path)
-    return str(path)
+    return save_perturbed(flow, 0.02, tmp_path_factory.mktemp("flow"))
 
 
 def _configurations(target, n=3, seed=0):

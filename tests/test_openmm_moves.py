@@ -13,6 +13,7 @@ from openmmtools import cache, mcmc, multistate, states, utils
 from openmm_sbg import TarFlow, shipped
 from openmm_sbg.flow import FlowConfig
 from openmm_sbg.openmm import FlowIndependenceMove, sample_com
+from toy_molecules import save_perturbed
 
 TINY = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2)
 
@@ -34,12 +35,7 @@ def toy_flow_path(tmp_path_factory):
     """A 3-atom flow: roughly iid N(0, 0.1^2) per atom, made non-Gaussian by random weights."""
     torch.manual_seed(1)
     flow = TarFlow(TINY, n_atoms=3, std=0.1)
-    with torch.no_grad():
-        for parameter in flow.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    path = tmp_path_factory.mktemp("toy") / "toy.pt"
-    flow.save(path)
-    return str(path)
+    return save_perturbed(flow, 0.05, tmp_path_factory.mktemp("toy"))
 
 
 def _bond_square_means(samples: np.ndarray) -> np.ndarray:

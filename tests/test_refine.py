@@ -36,7 +36,7 @@ def butane_like():
     torsion.addTorsion(0, 1, 2, 3, 1, 0.0, K1)
     system.addForce(torsion)
     target = BoltzmannTarget(system, topology, 300 * unit.kelvin, name="butane-like")
-    boltzmann = lambda phi: math.exp(-(K3 * (1 + math.cos(3 * phi)) + K1 * (1 + math.cos(phi))) / target.kT)
+    boltzmann = lambda phi: math.exp(-(K3 * (1 + math.cos(3 * phi)) + K1 * (1 + math.cos(phi))) / target.kT_kj_per_mol)
     edges = np.radians([-180, -120, 0, 120, 180])
     mass = [integrate.quad(boltzmann, a, b, epsabs=0, epsrel=1e-12)[0] for a, b in itertools.pairwise(edges)]
     exact = np.array([mass[1], mass[2], mass[0] + mass[3]]) / sum(mass)

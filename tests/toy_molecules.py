@@ -24,3 +24,15 @@ def carbon_chain(n_atoms: int, name: str):
     system.addForce(bonds)
     system.addForce(angles)
     return topology, system
+
+
+def save_perturbed(flow, scale: float, folder) -> str:
+    """Add ``scale``-sized noise to every weight of ``flow`` (non-identity blocks) and save it in ``folder``."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    path = folder / "flow.pt"
+    flow.save(path)
+    return str(path)

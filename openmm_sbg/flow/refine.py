@@ -57,50 +57,41 @@ _REFRESH, _BUFFER_BATCH, _BUFFER_AUGMENT, _DATA_BATCH, _DATA_AUGMENT, _EVALUATE 
 
 @dataclasses.dataclass(frozen=True)
 class RefineOptions:
-    """Settings of :func:`refine`.
-
-    Parameters
-    ----------
-    objective
-        ``"weighted-ml"`` or ``"reverse-kl"`` (see the module docstring).
-    steps, batch_size, lr, grad_clip, ema_decay
-        Optimiser steps, configurations per step, AdamW learning rate (constant), gradient
-        norm clip and EMA decay of the weights that are evaluated and saved.
-    data_weight
-        Weight of the MD data's NLL in the loss, ``(1 - w) * energy term + w * data NLL``;
-        0 uses the energy alone (and needs no data).
-    proposals_per_refresh, refresh_every, buffer_refreshes
-        ``weighted-ml``: proposals drawn per refresh, steps between refreshes, refreshes kept.
-    eval_every, eval_proposals
-        Steps between guard evaluations and proposals per evaluation.
-    drift_ratio, min_state_population
-        The population guard (see the module docstring).
-    max_seconds
-        Wall-clock budget: stop at the first evaluation past it (a resumed run counts the
-        time already spent). Runs stopped by time are not bit-reproducible; step counts are.
-    seed
-        Seed of every random draw.
-    """
+    """Settings of :func:`refine` (each field's docstring says what it sets)."""
 
     objective: str = "weighted-ml"
+    """``"weighted-ml"`` or ``"reverse-kl"`` (see the module docstring)."""
     data_weight: float = 0.5
-    # Optimisation: a small constant learning rate, as the flow starts trained.
+    """Weight of the MD data's NLL in the loss, ``(1 - w) * energy term + w * data NLL``; 0 uses the energy alone."""
     steps: int = 300
+    """Optimiser steps."""
     batch_size: int = 256
+    """Configurations per step (buffer draws or reverse-KL samples, and data frames)."""
     lr: float = 5e-5
+    """AdamW learning rate, constant: the flow starts trained."""
     grad_clip: float = 1.0
+    """Maximum global gradient norm."""
     ema_decay: float = 0.99
-    # Replay buffer of weighted-ml: 20k proposals from the last 10 refreshes.
+    """Decay of the EMA of the weights, which are evaluated and saved."""
     proposals_per_refresh: int = 2048
+    """``weighted-ml``: proposals drawn into the replay buffer per refresh."""
     refresh_every: int = 10
+    """``weighted-ml``: steps between refreshes."""
     buffer_refreshes: int = 10
-    # Guards and budget.
+    """``weighted-ml``: refreshes the buffer keeps (20k proposals with the defaults)."""
     eval_every: int = 50
+    """Steps between guard evaluations (and checkpoints)."""
     eval_proposals: int = 4096
+    """Proposals per guard evaluation."""
     drift_ratio: float = 0.5
+    """Stop when a state's share of the proposals falls below this fraction of its weighted share."""
     min_state_population: float = 0.01
+    """States with less weighted mass than this are not guarded."""
     max_seconds: float | None = None
+    """Wall-clock budget: stop at the first evaluation past it (a resumed run counts the time already
+    spent). Runs stopped by time are not bit-reproducible; step counts are."""
     seed: int = 0
+    """Seed of every random draw."""
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:

@@ -18,6 +18,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from openmm_sbg.smc.named import resolve
+
 
 @dataclasses.dataclass
 class PathState:
@@ -151,9 +153,4 @@ KERNELS: dict[str, Kernel] = {"ula": ula_step, "mala": mala_step}
 
 def get_kernel(kernel: str | Kernel) -> Kernel:
     """A kernel from its name (``"ula"``, ``"mala"``) or itself."""
-    if callable(kernel):
-        return kernel
-    try:
-        return KERNELS[kernel]
-    except KeyError:
-        raise ValueError(f"kernel must be one of {sorted(KERNELS)} or a function, got {kernel!r}") from None
+    return resolve(kernel, KERNELS, "kernel")

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from openmm_sbg.smc.named import resolve
+
 Resampler = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 
 
@@ -45,9 +47,4 @@ RESAMPLERS: dict[str, Resampler] = {"systematic": systematic, "multinomial": mul
 
 def get_resampler(resampling: str | Resampler) -> Resampler:
     """A resampling function from its name (``"systematic"``, ``"multinomial"``) or itself."""
-    if callable(resampling):
-        return resampling
-    try:
-        return RESAMPLERS[resampling]
-    except KeyError:
-        raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)} or a function, got {resampling!r}") from None
+    return resolve(resampling, RESAMPLERS, "resampling")

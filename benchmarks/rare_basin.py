@@ -1,0 +1,213 @@
+"""Rare basin of ad2: SBG with a flow trained on replica-exchange data against umbrella sampling and plain MD.
+
+- SBG: importance sampling at each ``--temperatures`` from one flow (``--flow``, trained on
+  300 K MD plus every replica of a replica-exchange run), ``--n-proposals`` proposals per
+  seed, no weight clipping (clipping the largest weights would bias a rare basin's mass),
+  the ``"gaussian"`` CoM adjustment; basin populations with bootstrap errors per seed and
+  the standard error over seeds; P(alphaL/C7ax) against the proposals used, to find the
+  sampling time to a 20% answer.
+- Reference: ``benchmarks/umbrella_sampling.py`` (MBAR over windows along phi), read from
+  ``results/umbrella_sampling.json``.
+- Plain MD: frames in alphaL/C7ax and the first visit in each ``--md`` file at 300 K.
+- Wall-clock counted whole: replica exchange (``--re-seconds``, as measured by its runs)
+  + training (the flow's record) + sampling, against umbrella sampling's and MD's.
+
+Run: ``nice python benchmarks/rare_basin.py --flow runs/s3/ad2-re-flow.pt --re-seconds S``;
+writes ``results/rare_basin.json``, ``plots/rare_basin.png`` and the "Rare basin" section
+of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import PLOTS, command_line, header, load_json, machine, publish  # noqa: E402
+
+HEADING = "## Rare basin: alphaL/C7ax from replica-exchange data"
+RARE = 2  # index of alphaL/C7ax in openmm_sbg.populations.BACKBONE_STATES
+
+
+def sbg_runs(flow_path: str, temperature: float, seeds: int, n_proposals: int) -> list[dict]:
+    from openmm import unit
+
+    from openmm_sbg import populations, systems
+    from openmm_sbg.flow import TarFlow
+    from openmm_sbg.smc import SMCSampler
+
+    target = systems.get("ad2", temperature=temperature * unit.kelvin)
+    flow = TarFlow.load(flow_path, target=target)
+    labeller = populations.backbone_state_labeller(target.topology)
+    runs = []
+    for seed in range(seeds):
+        start = time.perf_counter()
+        result = SMCSampler(
+            target, flow, n_particles=n_proposals, n_steps=0, clip_fraction=0.0, com_adjustment="gaussian",
+            resample_at_end=False, resample_threshold=0.0, progress=False,
+        ).run(seed=seed)
+        seconds = time.perf_counter() - start
+        labels = labeller(result.positions)
+        pops, errors = populations.bootstrap_populations(labels, 3, result.log_weights, n_bootstrap=300, seed=seed)
+        runs.append({
+            "seed": seed, "seconds": seconds, "ess": result.ess, "log_z": result.log_z,
+            "populations": pops.tolist(), "bootstrap_errors": errors.tolist(),
+            "proposal_populations": (np.bincount(labels, minlength=3) / len(labels)).tolist(),
+            "time_to_20_percent": _time_to_20_percent(labels, result.log_weights, seconds),
+        })
+        print(f"{temperature:g} K seed {seed}: ESS {result.ess:.3f}, P(alphaL) {pops[RARE]:.5f} ± {errors[RARE]:.5f}, {seconds:.0f} s", flush=True)
+    return runs
+
+
+def _time_to_20_percent(labels, log_weights, seconds: float) -> float | None:
+    """Sampling seconds (pro rata) of the smallest prefix whose bootstrap relative error on P(alphaL) is <= 20%."""
+    from openmm_sbg import populations
+
+    n = len(labels)
+    for fraction in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0):
+        m = max(int(n * fraction), 100)
+        pops, errors = populations.bootstrap_populations(labels[:m], 3, log_weights[:m], n_bootstrap=200)
+        if pops[RARE] > 0 and errors[RARE] / pops[RARE] <= 0.2:
+            return fraction * seconds
+    return None
+
+
+def md_visits(paths: list[str]) -> list[dict]:
+    from openmm_sbg import data, metrics, populations
+
+    rows = []
+    for path in paths:
+        traj = data.load_trajectory(path)
+        labels = populations.backbone_states(metrics.backbone_dihedrals(traj)[:, :2])
+        hits = np.flatnonzero(labels == RARE)
+        rows.append({"file": os.path.basename(path), "ns": float(traj.time[-1] / 1000), "frames": int(traj.n_frames),
+                     "alphaL_frames": int(len(hits)), "first_visit_ns": float(traj.time[hits[0]] / 1000) if len(hits) else None})
+    return rows
+
+
+def summarise(runs: list[dict]) -> dict:
+    from openmm_sbg import populations
+
+    pops = np.array([r["populations"] for r in runs])
+    mean, stderr = populations.combine_repeats(pops) if len(runs) > 1 else (pops[0], np.array(runs[0]["bootstrap_errors"]))
+    df, df_err = populations.free_energy_differences(mean, stderr)
+    hits = [r["time_to_20_percent"] for r in runs if r["time_to_20_percent"] is not None]
+    return {"populations": mean.tolist(), "errors": stderr.tolist(), "dF_kT": df.tolist(), "dF_err_kT": df_err.tolist(),
+            "ess": float(np.mean([r["ess"] for r in runs])), "seconds_per_seed": float(np.mean([r["seconds"] for r in runs])),
+            "seconds_to_20_percent": float(np.mean(hits)) if hits else None,
+            "proposal_alphaL": float(np.mean([r["proposal_populations"][RARE] for r in runs]))}
+
+
+def plot(results: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    temps = [float(t) for t in results["sbg"]]
+    sbg = [results["sbg"][f"{t:g}"] for t in temps]
+    axis.errorbar(np.array(temps) - 2, [s["populations"][RARE] for s in sbg], [s["errors"][RARE] for s in sbg], fmt="o", label="SBG (IS, RE-trained flow)")
+    us = {r["temperature_K"]: r for r in results["umbrella"]["temperatures"]}
+    ut = [t for t in temps if t in us]
+    axis.errorbar(np.array(ut) + 2, [us[t]["populations"][RARE] for t in ut], [_us_error(us[t]) for t in ut], fmt="s", label="umbrella sampling + MBAR")
+    axis.set_xlabel("temperature (K)")
+    axis.set_ylabel("P(alphaL/C7ax)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    path = PLOTS / "rare_basin.png"
+    figure.savefig(path, dpi=120)
+    return str(path.relative_to(PLOTS.parent))
+
+
+def _us_error(row: dict) -> float:
+    err = row["seed_stderr"][RARE]
+    return err if np.isfinite(err) else row["mbar_error_of_mean"][RARE]
+
+
+def report(results: dict) -> str:
+    flow = results["flow"]
+    what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}). SBG is importance sampling, {results['n_proposals']} proposals per seed, {results['seeds']} seeds, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg)."
+    lines = [*header(results, what),
+        "",
+        "| T (K) | method | C7eq/beta | alphaR | alphaL/C7ax | dF(C7eq/beta -> alphaR) (kT) | dF(C7eq/beta -> alphaL/C7ax) (kT) | IS ESS | proposals in alphaL/C7ax |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    us = {r["temperature_K"]: r for r in results["umbrella"]["temperatures"]}
+    for key, s in results["sbg"].items():
+        t = float(key)
+        p, e = s["populations"], s["errors"]
+        lines.append(f"| {t:g} | SBG | {p[0]:.3f} ± {e[0]:.3f} | {p[1]:.3f} ± {e[1]:.3f} | {p[2]:.5f} ± {e[2]:.5f} | "
+                     f"{s['dF_kT'][1]:.2f} ± {s['dF_err_kT'][1]:.2f} | {s['dF_kT'][2]:.2f} ± {s['dF_err_kT'][2]:.2f} | {s['ess']:.3f} | {s['proposal_alphaL']:.4f} |")
+        if t in us:
+            u = us[t]
+            ue = [x if np.isfinite(x) else m for x, m in zip(u["seed_stderr"], u["mbar_error_of_mean"])]
+            up = u["populations"]
+            lines.append(f"| {t:g} | umbrella sampling | {up[0]:.3f} ± {ue[0]:.3f} | {up[1]:.3f} ± {ue[1]:.3f} | {up[2]:.5f} ± {ue[2]:.5f} | "
+                         f"{-math.log(up[1] / up[0]):.2f} | {-math.log(up[2] / up[0]):.2f} | | |")
+            z = (p[2] - up[2]) / math.hypot(e[2], ue[2])
+            s["z_vs_umbrella"] = z
+    lines += ["", "Agreement on P(alphaL/C7ax), (SBG - umbrella) / combined standard error: "
+              + ", ".join(f"{k} K: {s['z_vs_umbrella']:+.2f}" for k, s in results["sbg"].items() if "z_vs_umbrella" in s)
+              + "; relative standard error of SBG: "
+              + ", ".join(f"{k} K: {s['errors'][RARE] / s['populations'][RARE]:.1%}" for k, s in results["sbg"].items()) + "."]
+    md = results["md"]
+    total_ns = sum(r["ns"] for r in md)
+    visits = sum(r["alphaL_frames"] for r in md)
+    lines += ["", f"Plain MD at 300 K: {visits} alphaL/C7ax frames in {total_ns:.0f} ns over {len(md)} runs ("
+              + ", ".join(f"{r['file']}: {r['ns']:.0f} ns, first visit " + (f"{r['first_visit_ns']:.1f} ns" if r["first_visit_ns"] is not None else "none") for r in md) + ")."]
+    w = results["wall_clock_s"]
+    s300 = results["sbg"].get("300")
+    u300 = us.get(300.0)
+    lines += ["", "Wall-clock to P(alphaL/C7ax) at 300 K with at most 20% relative error, counted whole, one core each:", "",
+              "| method | data | training | sampling / analysis | total |", "|---|---|---|---|---|",
+              f"| SBG | replica exchange {w['replica_exchange'] / 60:.0f} min | {w['training'] / 60:.0f} min | "
+              + (f"{s300['seconds_to_20_percent']:.0f} s | {(w['replica_exchange'] + w['training'] + s300['seconds_to_20_percent']) / 60:.0f} min |" if s300 and s300["seconds_to_20_percent"] else "not reached | |")]
+    if u300 is not None:
+        hits = [h for h in u300["seconds_to_20_percent"] if h is not None]
+        lines.append(f"| umbrella sampling + MBAR | {np.mean(hits) / 60:.1f} min of windows | | seconds | {np.mean(hits) / 60:.1f} min |" if hits else "| umbrella sampling | not reached | | | |")
+    lines.append(f"| plain MD | no visit in {total_ns:.0f} ns ({results['md_ns_per_min']:.1f} ns/min: {total_ns / results['md_ns_per_min']:.0f} min) | | | not reached |")
+    lines += ["", f"![P(alphaL/C7ax) by temperature]({results['plot']})"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flow", required=True)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 350.0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--n-proposals", type=int, default=50_000)
+    parser.add_argument("--re-seconds", type=float, required=True, help="wall-clock of the replica-exchange data, s")
+    parser.add_argument("--md", nargs="+", default=["runs/ad2-md30.h5", "runs/ad2-md15b.h5"])
+    parser.add_argument("--md-ns-per-min", type=float, default=1.4, help="plain MD speed on this machine, one core")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    from openmm_sbg import shipped
+    from openmm_sbg.flow import TarFlow
+
+    record = TarFlow.load(args.flow).metadata
+    results = {
+        "machine": machine(), "command": command_line("rare_basin.py", argv), "seeds": args.seeds, "n_proposals": args.n_proposals,
+        "flow": {"path": args.flow, "preset": record.get("preset"), "data": ", ".join(os.path.basename(p) for p in record.get("data", [])),
+                 "n_train": record["n_train"], "train_seconds": record["train_seconds"], "selected_step": record["selected_step"]},
+        "umbrella": load_json("umbrella_sampling.json"),
+        "md": md_visits([*args.md, shipped.reference_path("ad2")]),
+        "md_ns_per_min": args.md_ns_per_min,
+        "sbg": {},
+    }
+    for temperature in args.temperatures:
+        runs = sbg_runs(args.flow, temperature, args.seeds, args.n_proposals)
+        results["sbg"][f"{temperature:g}"] = {**summarise(runs), "runs": runs}
+    results["wall_clock_s"] = {"replica_exchange": args.re_seconds, "training": record["train_seconds"]}
+    results["plot"] = plot(results)
+    publish(results, "rare_basin.json", HEADING, report(results), write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
