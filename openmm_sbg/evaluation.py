@@ -47,7 +47,7 @@ def evaluate(samples, reference_path: str, plots: str | None = None, all_frames:
     weights = samples.weights
     summary = {
         "samples": samples.info.get("system"),
-        "n_samples": int(len(weights)),
+        "n_samples": len(weights),
         "reference_frames": int(reference.n_frames),
         "reference_split": split or "all",
         "log_z": samples.log_z,
