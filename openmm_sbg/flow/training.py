@@ -21,6 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -122,7 +123,7 @@ def train(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     metadata: dict | None = None,
-    parallel=None,
+    parallel: Parallel | None = None,
 ) -> TarFlow:
     """Train a TarFlow on configurations ``[T, N, 3]`` (nm) by maximum likelihood.
 
@@ -154,7 +155,8 @@ def train(
     metadata
         Extra entries for the checkpoint's metadata (e.g. the command line and data path).
     parallel
-        Data parallelism over processes, e.g. :class:`openmm_sbg.distributed.DataParallel`:
+        A :class:`Parallel` strategy (default :class:`SingleProcess`), e.g.
+        :class:`openmm_sbg.distributed.DataParallel` for data parallelism over processes:
         ``parallel.wrap(flow)`` is the per-sample loss function (a DistributedDataParallel
         module), ``parallel.shard(batch)`` this process's part of each global batch,
         ``parallel.mean(loss)`` the loss averaged over processes, and only the process whose
@@ -181,114 +183,161 @@ def train(
     if len(train_positions) < 1:
         raise ValueError("no training frames left after holding out validation frames; pass more data")
 
-    data_sha1 = _fingerprint(train_positions, val_positions)
-    std = centred_std(train_positions)
     with torch.random.fork_rng(devices=[]):
         # Seed the initial weights without touching the caller's global RNG.
         torch.manual_seed(_seed(options.seed, _INIT, 0))
-        flow = TarFlow(config, n_atoms, target=target, std=std)
+        flow = TarFlow(config, n_atoms, target=target, std=centred_std(train_positions))
     flow.representation.fit(torch.as_tensor(train_positions))
-    flow.to(device)
-    ema = copy.deepcopy(flow).requires_grad_(False)
-    optimizer = torch.optim.AdamW(
-        flow.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
-    )
-    run_key = {"config": config.to_dict(), "options": options.to_dict(), "data_sha1": data_sha1, "n_atoms": n_atoms}
-
-    step, seconds, history, best_weights = 0, 0.0, [], None
+    run = TrainingRun(flow.to(device), train_positions, val_positions, options, parallel or SingleProcess(),
+                      checkpoint_path, metadata)
     if checkpoint_path is not None and os.path.exists(checkpoint_path) and not overwrite:
-        step, seconds, history, best_weights = _resume(checkpoint_path, run_key, flow, ema, optimizer)
+        run.resume()
         if progress:
-            tqdm.write(f"resuming {os.fspath(checkpoint_path)!r} from step {step}")
+            tqdm.write(f"resuming {os.fspath(checkpoint_path)!r} from step {run.step}")
+    return run.loop(progress, callback)
 
-    # The representation's features, computed once in float64 for accuracy.
-    y_train = _features(train_positions, flow)
-    y_val = _features(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
-    batch_size = min(options.batch_size, len(y_train))
-    steps_per_epoch = max(1, len(y_train) // batch_size)
-    total_steps = options.steps or options.epochs * steps_per_epoch
 
-    def save(complete: bool) -> None:
+class Parallel(Protocol):
+    """How :func:`train` spreads each batch over processes (``openmm_sbg.distributed.DataParallel``)."""
+
+    #: Whether this process writes the checkpoint.
+    writes_checkpoints: bool
+
+    def wrap(self, flow: TarFlow) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The per-sample loss function, ``features -> NLL / dim``."""
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global batch."""
+
+    def mean(self, loss: torch.Tensor) -> float:
+        """The loss averaged over processes."""
+
+
+class SingleProcess:
+    """The default :class:`Parallel`: one process holds every row."""
+
+    writes_checkpoints = True
+
+    def wrap(self, flow: TarFlow) -> Callable[[torch.Tensor], torch.Tensor]:
+        return flow.nll_per_dim
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def mean(self, loss: torch.Tensor) -> float:
+        return loss.item()
+
+
+class TrainingRun:
+    """One maximum-likelihood fit: model, EMA, optimiser, features, and the record kept so far."""
+
+    def __init__(self, flow: TarFlow, train_positions, val_positions, options: TrainOptions, parallel: Parallel,
+                 checkpoint_path, metadata: dict | None):
+        self.flow, self.options, self.parallel = flow, options, parallel
+        self.checkpoint_path, self.metadata = checkpoint_path, metadata or {}
+        self.ema = copy.deepcopy(flow).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(flow.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay)
+        self.data_sha1 = _fingerprint(train_positions, val_positions)
+        self.key = {"config": flow.config.to_dict(), "options": options.to_dict(), "data_sha1": self.data_sha1,
+                    "n_atoms": flow.n_atoms}
+        # The representation's features, computed once in float64 for accuracy.
+        self.y_train = _features(train_positions, flow)
+        self.y_val = _features(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
+        self.batch_size = min(options.batch_size, len(self.y_train))
+        self.steps_per_epoch = max(1, len(self.y_train) // self.batch_size)
+        self.total_steps = options.steps or options.epochs * self.steps_per_epoch
+        self.step, self.seconds, self.history, self.best_weights = 0, 0.0, [], None
+
+    def resume(self) -> None:
+        self.step, self.seconds, self.history, self.best_weights = _resume(
+            self.checkpoint_path, self.key, self.flow, self.ema, self.optimizer
+        )
+
+    def loop(self, progress: bool, callback) -> TarFlow:
+        options, y_train = self.options, self.y_train
+        if self.step == 0:
+            self.history.append({"epoch": 0, "step": 0, "val_nll_per_dim": _validate(self.ema, self.y_val, options.seed), "seconds": 0.0})
+            self.best_weights = _cpu_copy(self.ema)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        epoch_losses: list[float] = []
+        started = time.perf_counter() - self.seconds
+        self.flow.train()
+        nll = self.parallel.wrap(self.flow)
+        try:
+            while self.step < self.total_steps:
+                epoch, index = divmod(self.step, self.steps_per_epoch)
+                order = torch.randperm(len(y_train), generator=_generator(options.seed, _BATCH_ORDER, epoch))
+                batch = y_train[order[index * self.batch_size : (index + 1) * self.batch_size].to(y_train.device)]
+                # Augment the whole batch first so each process sees the rows a single process would.
+                y = self.flow.representation.augment(batch, _generator(options.seed, _AUGMENT, self.step, device=y_train.device))
+                loss = nll(self.parallel.shard(y)).mean()
+                loss_value = self.parallel.mean(loss)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"training loss became {loss_value} at step {self.step}; lower the learning rate (--lr) "
+                        "or check the data for broken frames"
+                    )
+                lr = one_cycle_lr(self.step, self.total_steps, options.lr, options.warmup)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.flow.parameters(), options.grad_clip)
+                self.optimizer.step()
+                _update_ema(self.ema, self.flow, options.ema_decay, self.step)
+                self.step += 1
+                epoch_losses.append(loss_value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{self.history[-1]['val_nll_per_dim']:.4f}")
+                if callback is not None:
+                    callback(self.step, loss_value)
+                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                    self.seconds = time.perf_counter() - started
+                    self.end_epoch(float(np.mean(epoch_losses)), lr)
+                    epoch_losses = []
+        finally:
+            bar.close()
+        return self.ema.eval()
+
+    def end_epoch(self, train_nll: float, lr: float) -> None:
+        self.history.append({
+            "epoch": math.ceil(self.step / self.steps_per_epoch),
+            "step": self.step,
+            "train_nll_per_dim": train_nll,
+            "val_nll_per_dim": _validate(self.ema, self.y_val, self.options.seed),
+            "lr": lr,
+            "seconds": self.seconds,
+        })
+        if self.history[-1]["val_nll_per_dim"] < min(entry["val_nll_per_dim"] for entry in self.history[:-1]):
+            self.best_weights = _cpu_copy(self.ema)
+        self.save(complete=self.step == self.total_steps)
+
+    def save(self, complete: bool) -> None:
+        """Record the run in the EMA flow's metadata and write the checkpoint (resumable unless complete)."""
+        options, history = self.options, self.history
         selected = min(history, key=lambda entry: entry["val_nll_per_dim"]) if options.select_best else history[-1]
         if complete and options.select_best:
-            ema.load_state_dict(best_weights)
-        ema.metadata = {
-            **(metadata or {}),
-            **_record(options, history, selected, seconds, step, steps_per_epoch, len(y_train), len(y_val), data_sha1),
+            self.ema.load_state_dict(self.best_weights)
+        self.ema.metadata = {
+            **self.metadata,
+            **_record(options, history, selected, self.seconds, self.step, self.steps_per_epoch, len(self.y_train),
+                      len(self.y_val), self.data_sha1),
             "complete": complete,
         }
-        if checkpoint_path is None or (parallel is not None and not parallel.writes_checkpoints):
+        if self.checkpoint_path is None or not self.parallel.writes_checkpoints:
             return
-        payload = ema.checkpoint_payload()
+        payload = self.ema.checkpoint_payload()
         if not complete:
             payload["training_state"] = {
-                **run_key,
-                "step": step,
-                "seconds": seconds,
+                **self.key,
+                "step": self.step,
+                "seconds": self.seconds,
                 "history": history,
-                "best_weights": best_weights,
-                "model": _cpu_copy(flow),
-                "optimizer": optimizer.state_dict(),
+                "best_weights": self.best_weights,
+                "model": _cpu_copy(self.flow),
+                "optimizer": self.optimizer.state_dict(),
             }
-        checkpoint.write_checkpoint(checkpoint_path, payload)
-
-    if step == 0:
-        history.append({"epoch": 0, "step": 0, "val_nll_per_dim": _validate(ema, y_val, options.seed), "seconds": 0.0})
-        best_weights = _cpu_copy(ema)
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    epoch_losses: list[float] = []
-    started = time.perf_counter() - seconds
-    flow.train()
-    nll = flow.nll_per_dim if parallel is None else parallel.wrap(flow)
-    try:
-        while step < total_steps:
-            epoch, index = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(y_train), generator=_generator(options.seed, _BATCH_ORDER, epoch))
-            batch = y_train[order[index * batch_size : (index + 1) * batch_size].to(y_train.device)]
-            y = flow.representation.augment(batch, _generator(options.seed, _AUGMENT, step, device=y_train.device))
-            if parallel is not None:
-                # Augment the whole batch first so each process sees the rows a single process would.
-                y = parallel.shard(y)
-            loss = nll(y).mean()
-            loss_value = loss.item() if parallel is None else parallel.mean(loss)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"training loss became {loss_value} at step {step}; lower the learning rate (--lr) "
-                    "or check the data for broken frames"
-                )
-            lr = one_cycle_lr(step, total_steps, options.lr, options.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), options.grad_clip)
-            optimizer.step()
-            _update_ema(ema, flow, options.ema_decay, step)
-            step += 1
-            epoch_losses.append(loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{history[-1]['val_nll_per_dim']:.4f}")
-            if callback is not None:
-                callback(step, loss_value)
-            if step % steps_per_epoch == 0 or step == total_steps:
-                seconds = time.perf_counter() - started
-                history.append(
-                    {
-                        "epoch": math.ceil(step / steps_per_epoch),
-                        "step": step,
-                        "train_nll_per_dim": float(np.mean(epoch_losses)),
-                        "val_nll_per_dim": _validate(ema, y_val, options.seed),
-                        "lr": lr,
-                        "seconds": seconds,
-                    }
-                )
-                epoch_losses = []
-                if history[-1]["val_nll_per_dim"] < min(entry["val_nll_per_dim"] for entry in history[:-1]):
-                    best_weights = _cpu_copy(ema)
-                save(complete=step == total_steps)
-    finally:
-        bar.close()
-    return ema.eval()
+        checkpoint.write_checkpoint(self.checkpoint_path, payload)
 
 
 # ----------------------------------------------------------------------------- helpers
