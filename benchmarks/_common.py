@@ -133,9 +133,12 @@ def command_line(script: str, argv) -> str:
     return f"nice python benchmarks/{script} {' '.join(args)}".rstrip()
 
 
-def header(results: dict, description: str) -> list[str]:
-    """The first lines of a RESULTS.md section: the machine, then the command and what it ran."""
-    return [f"Machine: {results['machine']}.", "", f"Command: `{results['command']}`. {description}"]
+def header(results: dict, description: str, columns: list[str] | None = None) -> list[str]:
+    """The first lines of a RESULTS.md section: the machine, the command and what it ran, then a table's head."""
+    lines = [f"Machine: {results['machine']}.", "", f"Command: `{results['command']}`. {description}"]
+    if columns:
+        lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines
 
 
 def publish(results: dict, json_name: str, heading: str, text: str, write: bool = True) -> None:

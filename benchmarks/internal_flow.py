@@ -135,11 +135,7 @@ def mean_sd(rows: list[dict], key: str, digits: int) -> str:
 def report(results: dict) -> str:
     floor = results["noise_floor"]
     what = f"Target `ad2` at 300 K; reference: the shipped `ad2-ref.h5` (10 ns, independent of all training data). Mean ± sd over {results['seeds']} seeds. IS: {results['n_proposals']:,} proposals, top 0.2% of log-weights clipped (as the paper). SMC: {results['smc_particles']:,} particles, {results['smc_steps']} linear steps, one adaptive MALA move per step. Populations: {' / '.join(BASINS)}."
-    lines = [*header(results, what),
-        "",
-        "| flow | repr. | params | training | method | ESS | E-W2 (kT) | T-W2 | populations | D-Ala | log Z | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = header(results, what, ['flow', 'repr.', 'params', 'training', 'method', 'ESS', 'E-W2 (kT)', 'T-W2', 'populations', 'D-Ala', 'log Z', 'wall (s)'])
     for row in results["flows"]:
         training = f"{row['train_seconds'] / 60:.0f} min, {row['train_steps']} steps" if row["train_seconds"] else "?"
         for method in ("is", "smc"):

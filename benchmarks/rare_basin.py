@@ -134,11 +134,7 @@ def _us_error(row: dict) -> float:
 def report(results: dict) -> str:
     flow = results["flow"]
     what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}). SBG is importance sampling, {results['n_proposals']} proposals per seed, {results['seeds']} seeds, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg)."
-    lines = [*header(results, what),
-        "",
-        "| T (K) | method | C7eq/beta | alphaR | alphaL/C7ax | dF(C7eq/beta -> alphaR) (kT) | dF(C7eq/beta -> alphaL/C7ax) (kT) | IS ESS | proposals in alphaL/C7ax |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = header(results, what, ['T (K)', 'method', 'C7eq/beta', 'alphaR', 'alphaL/C7ax', 'dF(C7eq/beta -> alphaR) (kT)', 'dF(C7eq/beta -> alphaL/C7ax) (kT)', 'IS ESS', 'proposals in alphaL/C7ax'])
     us = {r["temperature_K"]: r for r in results["umbrella"]["temperatures"]}
     for key, s in results["sbg"].items():
         t = float(key)

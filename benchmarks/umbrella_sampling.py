@@ -193,11 +193,7 @@ def fmt(p: float, e: float) -> str:
 def report(results: dict) -> str:
     s = results["settings"]
     what = f"{s['windows']} windows along phi (periodic harmonic bias, k = {s['k']:g} kJ/mol/rad²), {s['equilibration_ps']:g} ps equilibration + {s['ps']:g} ps recorded per window ((phi, psi) every {s['sample_ps']:g} ps), Langevin 1 fs, friction 1/ps, OpenMM Reference platform, one core; MBAR (pymbar) on the samples of each window decorrelated with `timeseries.subsample_correlated_data`. Basins: {BASIN_RULE}."
-    lines = [*header(results, what),
-        "",
-        "| T (K) | repeats | C7eq/beta | alphaR | alphaL/C7ax (phi > 0) | dF(C7eq/beta -> alphaL/C7ax) (kT) | simulated ns per repeat | wall-clock per repeat | to a 20% answer on alphaL/C7ax |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = header(results, what, ['T (K)', 'repeats', 'C7eq/beta', 'alphaR', 'alphaL/C7ax (phi > 0)', 'dF(C7eq/beta -> alphaL/C7ax) (kT)', 'simulated ns per repeat', 'wall-clock per repeat', 'to a 20% answer on alphaL/C7ax'])
     for r in results["temperatures"]:
         pops, err = r["populations"], r["seed_stderr"]
         mbar = r["mbar_error_of_mean"]

@@ -40,13 +40,7 @@ from tqdm.auto import tqdm
 
 from openmm_sbg.flow import checkpoint
 from openmm_sbg.flow.model import TarFlow, _standard_normal_log_prob
-from openmm_sbg.flow.training import (
-    _cpu_copy,
-    _features,
-    _fingerprint,
-    _generator,
-    _update_ema,
-)
+from openmm_sbg.flow.training import _cpu_copy, _features, _fingerprint, _generator, optimiser_step
 from openmm_sbg.smc.proposal import com_log_density
 
 OBJECTIVES = ("weighted-ml", "reverse-kl")
@@ -266,11 +260,7 @@ class _Run:
                     loss = loss + o.data_weight * self.data_loss()
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"refinement loss became {loss.item()} at step {self.step}; lower the learning rate")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-                self.optimizer.step()
-                _update_ema(self.ema, self.model, o.ema_decay, self.step)
+                optimiser_step(loss, self.optimizer, self.model, self.ema, o.grad_clip, o.ema_decay, self.step)
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", ess=f"{self.history[-1]['ess']:.3f}")

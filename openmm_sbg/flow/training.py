@@ -280,11 +280,7 @@ class TrainingRun:
                 lr = one_cycle_lr(self.step, self.total_steps, options.lr, options.warmup)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.flow.parameters(), options.grad_clip)
-                self.optimizer.step()
-                _update_ema(self.ema, self.flow, options.ema_decay, self.step)
+                optimiser_step(loss, self.optimizer, self.flow, self.ema, options.grad_clip, options.ema_decay, self.step)
                 self.step += 1
                 epoch_losses.append(loss_value)
                 bar.update(1)
@@ -374,6 +370,15 @@ def _seed(seed: int, kind: int, index: int) -> int:
 
 def _generator(seed: int, kind: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_seed(seed, kind, index))
+
+
+def optimiser_step(loss: torch.Tensor, optimizer, flow: TarFlow, ema: TarFlow, grad_clip: float, ema_decay: float, step: int) -> None:
+    """Backpropagate ``loss``, clip the gradient norm, step the optimiser and update the EMA weights."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(flow.parameters(), grad_clip)
+    optimizer.step()
+    _update_ema(ema, flow, ema_decay, step)
 
 
 def _update_ema(ema: TarFlow, flow: TarFlow, decay: float, step: int) -> None:
