@@ -63,3 +63,14 @@ def _chain(n_atoms: int) -> app.Topology:
     for a, b in zip(atoms, atoms[1:]):
         topology.addBond(a, b)
     return topology
+
+
+#: Refinement of the DDP-trained flow, both objectives: a few steps with a refresh and an evaluation.
+REFINE_OBJECTIVES = ("weighted-ml", "reverse-kl")
+
+
+def refine_options(objective: str):
+    from openmm_sbg.flow.refine import RefineOptions
+
+    return RefineOptions(objective=objective, steps=4, batch_size=10, lr=1e-3, eval_every=2, eval_proposals=12,
+                         proposals_per_refresh=12, refresh_every=2)

@@ -14,7 +14,16 @@ import torch
 from openmm_sbg import cli, distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_cases import DDP_CONFIG, SMC_SCENARIOS, SMC_SEED, ddp_frames, ddp_options, smc_scenario  # noqa: E402
+from distributed_cases import (  # noqa: E402
+    DDP_CONFIG,
+    REFINE_OBJECTIVES,
+    SMC_SCENARIOS,
+    SMC_SEED,
+    ddp_frames,
+    ddp_options,
+    refine_options,
+    smc_scenario,
+)
 
 
 def main(out: Path) -> None:
@@ -32,6 +41,12 @@ def main(out: Path) -> None:
     )
     cli.main(["sample", "--flow", str(out / "ddp.pt"), "--out", str(out / "cli.h5"), "--n-particles", "12",
               "--n-steps", "0", "--batch-size", "4", "--no-progress", "--summary", str(out / "cli.json")])
+    from openmm_sbg.flow import TarFlow
+    from openmm_sbg.flow.refine import refine
+
+    for objective in REFINE_OBJECTIVES:
+        refine(TarFlow.load(out / "ddp.pt", target=target), target, refine_options(objective), data_positions=frames[:100],
+               checkpoint_path=out / f"refine-{objective}.pt", progress=False)
     for name in SMC_SCENARIOS:
         target, proposal, kwargs = smc_scenario(name)
         checkpoint = out / f"{name}.ckpt"

@@ -11,10 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_cases import DDP_CONFIG, SMC_SCENARIOS, SMC_SEED, ddp_frames, ddp_options, smc_scenario
+from distributed_cases import (
+    DDP_CONFIG,
+    REFINE_OBJECTIVES,
+    SMC_SCENARIOS,
+    SMC_SEED,
+    ddp_frames,
+    ddp_options,
+    refine_options,
+    smc_scenario,
+)
 from openmm_sbg import cli, distributed
 from openmm_sbg.distributed.sharded_smc import split_sizes
 from openmm_sbg.flow import TarFlow, train
+from openmm_sbg.flow.refine import refine
 from openmm_sbg.smc import SMCSampler
 
 HERE = Path(__file__).parent
@@ -46,6 +56,19 @@ def test_ddp_checkpoint_loads_in_one_process_and_matches_single_process_training
     losses = [entry["train_nll_per_dim"] for entry in flow.metadata["history"][1:]]
     expected = [entry["train_nll_per_dim"] for entry in single.metadata["history"][1:]]
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", REFINE_OBJECTIVES)
+def test_refinement_under_torchrun_equals_one_process(two_processes, ad2, objective):
+    start = TarFlow.load(two_processes / "ddp.pt", target=ad2)
+    torch.set_num_threads(1)
+    single = refine(start, ad2, refine_options(objective), data_positions=ddp_frames(ad2)[:100], progress=False)
+    shared = TarFlow.load(two_processes / f"refine-{objective}.pt", target=ad2)
+    # Each process backpropagates half of every batch; the summed gradients equal one process's up to rounding.
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(shared.state_dict()[key], value, atol=2e-5, rtol=1e-4)
+    ess = lambda flow: [entry["ess"] for entry in flow.metadata["refinement"]["history"]]  # noqa: E731
+    np.testing.assert_allclose(ess(shared), ess(single), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", SMC_SCENARIOS)

@@ -155,7 +155,8 @@ def _refine(args: argparse.Namespace) -> dict:
     from openmm_sbg.flow.refine import RefineOptions, refine
 
     if distributed.is_launched():
-        raise ValueError("--refine runs in one process; launch it without torchrun")
+        # Under torchrun every process scores and backpropagates its rows of each draw and batch.
+        args.device = str(distributed.init(args.device).device)
     if args.system is None and args.pdb is None:  # the checkpoint knows its molecule
         flow = TarFlow.load(args.refine, map_location=args.device)
         target = flow.target(platform=args.platform)

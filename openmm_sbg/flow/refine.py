@@ -100,24 +100,80 @@ class RefineOptions:
         return dataclasses.asdict(self)
 
 
-def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator, batch_size: int = 1024):
+def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator, batch_size: int = 1024, processes=None):
     """``n`` proposals of ``flow`` ``[n, N, 3]`` and their log importance weights for ``target``.
 
     ``log w = -U/kT + log N(CoM; 0, com_std^2) - log q``: the ``"gaussian"`` CoM adjustment
     (:mod:`openmm_sbg.smc.proposal`), which cancels the flow's CoM factor, so the weights
     measure the flow and not the CoM convention. (The sampler's default ``"chi3"`` multiplies
     every weight by ``4 pi |CoM|^2``, whose spread alone caps the ESS at 9/15 = 0.6.) A
-    configuration with a non-finite energy gets ``-inf``.
+    configuration with a non-finite energy gets ``-inf``. All latents are drawn first, so
+    with ``processes`` each process inverts and scores only its rows and every process gets
+    the same ``n`` proposals as one process would.
     """
+    processes = processes or OneProcess()
+    latents = flow.draw_latents(n, generator)[processes.rows(n)]
     xs, log_ws = [], []
-    for start in range(0, n, batch_size):
-        x, log_q = flow.sample(min(batch_size, n - start), generator=generator)
+    for start in range(0, len(latents), batch_size):
+        x, log_q = flow.from_latents(latents[start : start + batch_size])
         x = x.double()
         energy = target.energy(x, allow_nonfinite=True)
         log_w = -energy + com_log_density(x, flow.com_std, "gaussian") - log_q.double()
         xs.append(x)
         log_ws.append(torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf)))
-    return torch.cat(xs), torch.cat(log_ws)
+    return processes.gather(torch.cat(xs)), processes.gather(torch.cat(log_ws))
+
+
+class OneProcess:
+    """Refinement in one process: every row of every draw and batch is local."""
+
+    writes_checkpoints = True
+
+    def rows(self, n: int) -> slice:
+        return slice(0, n)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def reduce_gradients(self, model: torch.nn.Module) -> None:
+        """Nothing to add: the local loss is the whole loss."""
+
+    def total(self, value: torch.Tensor) -> float:
+        return value.item()
+
+
+class AllProcesses(OneProcess):
+    """Refinement over torch.distributed's default group (``torchrun``).
+
+    Each process inverts, scores and backpropagates a contiguous slice of the rows of every
+    draw and batch; draws are gathered and the gradients of the losses (sums over rows
+    divided by the global row count) summed, so every process holds the one-process state
+    and only rank 0 writes the checkpoint.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.rank, self.world_size = dist, dist.get_rank(), dist.get_world_size()
+        self.writes_checkpoints = self.rank == 0
+
+    def rows(self, n: int) -> slice:
+        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        parts = [None] * self.world_size
+        self.dist.all_gather_object(parts, local)
+        return torch.cat(parts)
+
+    def reduce_gradients(self, model: torch.nn.Module) -> None:
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                self.dist.all_reduce(parameter.grad)
+
+    def total(self, value: torch.Tensor) -> float:
+        value = value.detach().clone()
+        self.dist.all_reduce(value)
+        return value.item()
 
 
 class _ReducedEnergy(torch.autograd.Function):
@@ -163,13 +219,19 @@ def refine(
     checkpoint_path
         Written at every evaluation (resumable) and at the end (the refined flow, with its
         record in ``flow.metadata["refinement"]``).
+
+    Under ``torchrun`` (torch.distributed's default group initialised), every process calls
+    this with the same arguments; they share each step's proposals and gradients
+    (:class:`AllProcesses`), end with the one-process result, and rank 0 writes.
     """
     options = options or RefineOptions()
     if options.data_weight > 0 and data_positions is None:
         raise ValueError("data_weight > 0 needs data_positions (the MD frames the flow was trained on); or pass data_weight=0")
     if flow.n_atoms != target.n_atoms:
         raise ValueError(f"the flow models {flow.n_atoms} atoms but the target has {target.n_atoms}; refine the flow of this molecule")
-    run = _Run(flow, target, options, data_positions, states)
+    # Under torchrun (an initialised default group) the processes share every step's work.
+    launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+    run = _Run(flow, target, options, data_positions, states, AllProcesses() if launched else OneProcess())
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         run.resume(checkpoint_path)
     run.loop(checkpoint_path, progress)
@@ -179,8 +241,8 @@ def refine(
 class _Run:
     """The state of one refinement: model, EMA, optimiser, replay buffer, history."""
 
-    def __init__(self, flow: TarFlow, target, options: RefineOptions, data_positions, states):
-        self.options, self.target, self.states = options, target, states
+    def __init__(self, flow: TarFlow, target, options: RefineOptions, data_positions, states, processes: OneProcess):
+        self.options, self.target, self.states, self.processes = options, target, states, processes
         self.model = copy.deepcopy(flow).float().train().requires_grad_(True)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -197,10 +259,12 @@ class _Run:
 
     # ------------------------------------------------------------------ losses
     def energy_loss(self) -> torch.Tensor:
-        o = self.options
+        """This process's part of the energy term: a sum over its rows divided by the batch size."""
+        o, rows = self.options, self.processes.rows(self.options.batch_size)
         if o.objective == "weighted-ml":
             if self.step % o.refresh_every == 0 or not self.buffer:
-                x, log_w = importance_weights(self.ema, self.target, o.proposals_per_refresh, _generator(o.seed, _REFRESH, self.step))
+                generator = _generator(o.seed, _REFRESH, self.step)
+                x, log_w = importance_weights(self.ema, self.target, o.proposals_per_refresh, generator, processes=self.processes)
                 self.buffer = [*self.buffer, (x.float(), log_w)][-o.buffer_refreshes :]
             # Each refresh's self-normalised weights estimate p; the buffer averages them.
             probs = torch.cat([torch.softmax(log_w, 0) for _, log_w in self.buffer]) / len(self.buffer)
@@ -208,26 +272,26 @@ class _Run:
             x = torch.cat([x for x, _ in self.buffer])[pick]
             y = self.model.representation.training_features(x.double()).float()
             y = self.model.representation.augment(y, _generator(o.seed, _BUFFER_AUGMENT, self.step))
-            return self.model.nll_per_dim(y).mean()
-        latents = self.model.draw_latents(o.batch_size, _generator(o.seed, _REFRESH, self.step))
+            return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
+        latents = self.model.draw_latents(o.batch_size, _generator(o.seed, _REFRESH, self.step))[rows]
         z = latents[:, : self.model.dim].reshape(len(latents), *self.model.representation.feature_shape)
         rigid = latents[:, self.model.dim :] if self.model.representation.n_rigid else None
         x, log_det = self.model.inverse(z, rigid)
         log_q = _standard_normal_log_prob(z) - log_det
         log_p = -_ReducedEnergy.apply(x, self.target) + com_log_density(x, self.model.com_std, "gaussian")
-        finite = torch.isfinite(log_p)
-        return (log_q - log_p)[finite].mean() / self.model.dim
+        finite = torch.isfinite(log_p)  # a clash: no gradient from that sample
+        return (log_q - log_p)[finite].sum() / (o.batch_size * self.model.dim)
 
     def data_loss(self) -> torch.Tensor:
-        o = self.options
+        o, rows = self.options, self.processes.rows(self.options.batch_size)
         pick = torch.randint(0, len(self.data), (o.batch_size,), generator=_generator(o.seed, _DATA_BATCH, self.step))
         y = self.model.representation.augment(self.data[pick], _generator(o.seed, _DATA_AUGMENT, self.step))
-        return self.model.nll_per_dim(y).mean()
+        return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
 
     # ------------------------------------------------------------------ guard
     def evaluate(self) -> dict:
         o = self.options
-        x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, _generator(o.seed, _EVALUATE, 0))
+        x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, _generator(o.seed, _EVALUATE, 0), processes=self.processes)
         weights = torch.softmax(log_w, 0).numpy()
         entry = {"step": self.step, "seconds": self.seconds, "ess": float(1 / np.sum(weights**2) / len(weights))}
         if self.states is not None:
@@ -258,12 +322,14 @@ class _Run:
                 loss = (1 - o.data_weight) * self.energy_loss()
                 if o.data_weight > 0:
                     loss = loss + o.data_weight * self.data_loss()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"refinement loss became {loss.item()} at step {self.step}; lower the learning rate")
-                optimiser_step(loss, self.optimizer, self.model, self.ema, o.grad_clip, o.ema_decay, self.step)
+                loss_value = self.processes.total(loss)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"refinement loss became {loss_value} at step {self.step}; lower the learning rate")
+                optimiser_step(loss, self.optimizer, self.model, self.ema, o.grad_clip, o.ema_decay, self.step,
+                               reduce_gradients=self.processes.reduce_gradients)
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", ess=f"{self.history[-1]['ess']:.3f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", ess=f"{self.history[-1]['ess']:.3f}")
                 if self.step % o.eval_every == 0 or self.step == o.steps:
                     self.seconds = time.perf_counter() - started
                     entry = self.evaluate()
@@ -271,7 +337,7 @@ class _Run:
                     if self.stopped is None and o.max_seconds is not None and self.seconds >= o.max_seconds:
                         self.stopped = f"the wall-clock budget of {o.max_seconds:g} s is spent"
                     self.record(entry)
-                    if checkpoint_path is not None and self.stopped is None and self.step < o.steps:
+                    if checkpoint_path is not None and self.processes.writes_checkpoints and self.stopped is None and self.step < o.steps:
                         checkpoint.write_checkpoint(checkpoint_path, self.payload(complete=False))
         finally:
             bar.close()
@@ -315,7 +381,7 @@ class _Run:
     def finish(self, checkpoint_path) -> TarFlow:
         self.ema.load_state_dict(self.best[2])
         payload = self.payload(complete=True)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and self.processes.writes_checkpoints:
             checkpoint.write_checkpoint(checkpoint_path, payload)
         self.ema.metadata = payload["metadata"]
         return self.ema.eval()

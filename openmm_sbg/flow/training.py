@@ -372,10 +372,13 @@ def _generator(seed: int, kind: int, index: int, device: torch.device | str = "c
     return torch.Generator(device=device).manual_seed(_seed(seed, kind, index))
 
 
-def optimiser_step(loss: torch.Tensor, optimizer, flow: TarFlow, ema: TarFlow, grad_clip: float, ema_decay: float, step: int) -> None:
-    """Backpropagate ``loss``, clip the gradient norm, step the optimiser and update the EMA weights."""
+def optimiser_step(loss: torch.Tensor, optimizer, flow: TarFlow, ema: TarFlow, grad_clip: float, ema_decay: float, step: int,
+                   reduce_gradients: Callable[[torch.nn.Module], None] | None = None) -> None:
+    """Backpropagate ``loss`` (then ``reduce_gradients(flow)``), clip the gradient norm, step the optimiser, update the EMA."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if reduce_gradients is not None:
+        reduce_gradients(flow)
     torch.nn.utils.clip_grad_norm_(flow.parameters(), grad_clip)
     optimizer.step()
     _update_ema(ema, flow, ema_decay, step)
