@@ -1,7 +1,7 @@
 """Runs under ``torchrun --nproc-per-node 2`` for tests/test_distributed.py (not collected by pytest).
 
 Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT_DIR``. Every
-process trains with DDP and runs each sharded SMC scenario of :data:`SMC_SCENARIOS`; rank 0
+process trains with DDP and runs each sharded SMC scenario of :data:`distributed_cases.SMC_SCENARIOS`; rank 0
 writes what the test compares with single-process runs into ``OUT_DIR``.
 """
 
@@ -14,16 +14,7 @@ import torch
 from openmm_sbg import cli, distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_cases import (  # noqa: E402
-    DDP_CONFIG,
-    REFINE_OBJECTIVES,
-    SMC_SCENARIOS,
-    SMC_SEED,
-    ddp_frames,
-    ddp_options,
-    refine_options,
-    smc_scenario,
-)
+import distributed_cases as cases  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -34,9 +25,9 @@ def main(out: Path) -> None:
     context = distributed.init("cpu")
     torch.set_num_threads(1)
     target = systems.get("ad2", platform="Reference")
-    frames = ddp_frames(target)
+    frames = cases.ddp_frames(target)
     train_distributed(
-        frames[:100], frames[100:], target=target, config=DDP_CONFIG, options=ddp_options(),
+        frames[:100], frames[100:], target=target, config=cases.DDP_CONFIG, options=cases.ddp_options(),
         checkpoint_path=out / "ddp.pt", progress=False,
     )
     cli.main(["sample", "--flow", str(out / "ddp.pt"), "--out", str(out / "cli.h5"), "--n-particles", "12",
@@ -44,13 +35,13 @@ def main(out: Path) -> None:
     from openmm_sbg.flow import TarFlow
     from openmm_sbg.flow.refine import refine
 
-    for objective in REFINE_OBJECTIVES:
-        refine(TarFlow.load(out / "ddp.pt", target=target), target, refine_options(objective), data_positions=frames[:100],
+    for objective in cases.REFINE_OBJECTIVES:
+        refine(TarFlow.load(out / "ddp.pt", target=target), target, cases.refine_options(objective), data_positions=frames[:100],
                checkpoint_path=out / f"refine-{objective}.pt", progress=False)
-    for name in SMC_SCENARIOS:
-        target, proposal, kwargs = smc_scenario(name)
+    for name in cases.SMC_SCENARIOS:
+        target, proposal, kwargs = cases.smc_scenario(name)
         checkpoint = out / f"{name}.ckpt"
-        result = ShardedSMCSampler(target, proposal, checkpoint_path=checkpoint, progress=False, **kwargs).run(seed=SMC_SEED)
+        result = ShardedSMCSampler(target, proposal, checkpoint_path=checkpoint, progress=False, **kwargs).run(seed=cases.SMC_SEED)
         if context.is_writer:
             torch.save({key: getattr(result, key) for key in ("positions", "log_weights", "energies", "log_z", "ess")}
                        | {"diagnostics": result.diagnostics, "n_processes": result.info["n_processes"]}, out / f"{name}.pt")
