@@ -133,6 +133,24 @@ def command_line(script: str, argv) -> str:
     return f"nice python benchmarks/{script} {' '.join(args)}".rstrip()
 
 
+def axes(figsize=(5, 3.5)):
+    """A matplotlib figure and axes for a plot file (Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def save_plot(figure, name: str) -> str:
+    """Write ``figure`` to ``benchmarks/plots/<name>``; the path relative to benchmarks/, for RESULTS.md."""
+    figure.tight_layout()
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(PLOTS / name, dpi=120)
+    return f"plots/{name}"
+
+
 def header(results: dict, description: str, columns: list[str] | None = None) -> list[str]:
     """The first lines of a RESULTS.md section: the machine, the command and what it ran, then a table's head."""
     lines = [f"Machine: {results['machine']}.", "", f"Command: `{results['command']}`. {description}"]

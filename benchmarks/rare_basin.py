@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PLOTS, command_line, header, load_json, machine, publish  # noqa: E402
+from _common import axes, command_line, header, load_json, machine, publish, save_plot  # noqa: E402
 
 HEADING = "## Rare basin: alphaL/C7ax from replica-exchange data"
 RARE = 2  # index of alphaL/C7ax in openmm_sbg.populations.BACKBONE_STATES
@@ -104,12 +104,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def plot(results: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, axis = axes()
     temps = [float(t) for t in results["sbg"]]
     sbg = [results["sbg"][f"{t:g}"] for t in temps]
     axis.errorbar(np.array(temps) - 2, [s["populations"][RARE] for s in sbg], [s["errors"][RARE] for s in sbg], fmt="o", label="SBG (IS, RE-trained flow)")
@@ -119,11 +114,7 @@ def plot(results: dict) -> str:
     axis.set_xlabel("temperature (K)")
     axis.set_ylabel("P(alphaL/C7ax)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    PLOTS.mkdir(parents=True, exist_ok=True)
-    path = PLOTS / "rare_basin.png"
-    figure.savefig(path, dpi=120)
-    return str(path.relative_to(PLOTS.parent))
+    return save_plot(figure, "rare_basin.png")
 
 
 def _us_error(row: dict) -> float:

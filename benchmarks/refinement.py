@@ -25,18 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    BASINS,
-    PLOTS,
-    Timer,
-    basin_labels,
-    command_line,
-    dihedrals_and_energies,
-    header,
-    machine,
-    populations,
-    publish,
-)
+import _common as common  # noqa: E402
 
 HEADING = "## Energy-aware refinement"
 PROTOCOLS = {"paper": {"com_adjustment": "chi3", "clip_fraction": 0.002}, "exact": {"com_adjustment": "gaussian", "clip_fraction": 0.0}}
@@ -51,7 +40,7 @@ def evaluate(path: str, target, reference, args) -> dict:
     for seed in range(args.seeds):
         entry = {"seed": seed}
         for name, protocol in PROTOCOLS.items():
-            with Timer() as timer:
+            with common.Timer() as timer:
                 result = SMCSampler(target, flow, n_particles=args.n_proposals, n_steps=0, progress=False, **protocol).run(seed=seed)
             entry[f"ess_{name}"] = result.ess
             entry[f"seconds_{name}"] = timer.seconds
@@ -59,19 +48,14 @@ def evaluate(path: str, target, reference, args) -> dict:
         entry["log_z"] = result.log_z
         entry["energy_w2"] = metrics.energy_w2(result.energies, reference[1], result.weights)
         entry["torus_w2"] = metrics.torus_w2(angles, reference[0], result.weights, max_samples=2000)
-        entry["populations"] = populations(basin_labels(angles), result.weights).tolist()
+        entry["populations"] = common.populations(common.basin_labels(angles), result.weights).tolist()
         row["runs"].append(entry)
         print(f"{path} seed {seed}: {entry}", flush=True)
     return row
 
 
 def plot(rows: list[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, axis = common.axes()
     for row in rows:
         record = row["refinement"]
         if record is None:
@@ -82,11 +66,7 @@ def plot(rows: list[dict]) -> str:
     axis.set_xlabel("refinement wall-clock (min; ML training before it not shown)")
     axis.set_ylabel("IS ESS (exact weights, 4096 proposals)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    PLOTS.mkdir(parents=True, exist_ok=True)
-    path = PLOTS / "refinement_ess.png"
-    figure.savefig(path, dpi=120)
-    return str(path.relative_to(PLOTS.parent))
+    return common.save_plot(figure, "refinement_ess.png")
 
 
 def mean_sd(runs: list[dict], key: str, digits: int = 3) -> str:
@@ -100,8 +80,8 @@ def report(results: dict) -> str:
             f"Mean ± sd over {results['seeds']} seeds of {results['n_proposals']:,} proposals. ESS (paper): chi3 CoM "
             "adjustment, top 0.2% of log-weights clipped; ESS (exact): Gaussian CoM adjustment, no clipping, which the "
             "metrics and populations use. Refinement budget: wall-clock on the shared 2-core machine, with other jobs running.")
-    lines = header(results, what, ["flow", "objective", "refinement", "selected step", "ESS (paper)", "ESS (exact)",
-                                   "E-W2 (kT)", "T-W2", f"populations {' / '.join(BASINS)}", "log Z"])
+    lines = common.header(results, what, ["flow", "objective", "refinement", "selected step", "ESS (paper)", "ESS (exact)",
+                                   "E-W2 (kT)", "T-W2", f"populations {' / '.join(common.BASINS)}", "log Z"])
     for row in results["flows"]:
         record = row["refinement"]
         runs = row["runs"]
@@ -129,17 +109,17 @@ def main(argv=None) -> None:
     from openmm_sbg import metrics, shipped, systems
 
     target = systems.get("ad2")
-    reference = dihedrals_and_energies(shipped.reference_path("ad2"))
+    reference = common.dihedrals_and_energies(shipped.reference_path("ad2"))
     half = len(reference[1]) // 2
     results = {
-        "machine": machine(), "command": command_line("refinement.py", argv), "seeds": args.seeds, "n_proposals": args.n_proposals,
+        "machine": common.machine(), "command": common.command_line("refinement.py", argv), "seeds": args.seeds, "n_proposals": args.n_proposals,
         "noise_floor": {"energy_w2": metrics.energy_w2(reference[1][:half], reference[1][half:]),
                         "torus_w2": metrics.torus_w2(reference[0][:half], reference[0][half:], max_samples=2000),
-                        "populations": populations(basin_labels(reference[0])).tolist()},
+                        "populations": common.populations(common.basin_labels(reference[0])).tolist()},
         "flows": [evaluate(shipped.flow_path(path), target, reference, args) for path in args.flows],
     }
     results["plot"] = plot(results["flows"])
-    publish(results, "refinement.json", HEADING, report(results), write=not args.no_write)
+    common.publish(results, "refinement.json", HEADING, report(results), write=not args.no_write)
 
 
 if __name__ == "__main__":
