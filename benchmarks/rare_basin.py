@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import axes, command_line, header, load_json, machine, publish, save_plot  # noqa: E402
+from _common import DATA, axes, command_line, header, load_json, machine, publish, save_json, save_plot  # noqa: E402
 
 HEADING = "## Rare basin: alphaL/C7ax from replica-exchange data"
 RARE = 2  # index of alphaL/C7ax in openmm_sbg.populations.BACKBONE_STATES
@@ -179,6 +179,18 @@ def main(argv=None) -> None:
     from openmm_sbg.flow import TarFlow
 
     record = TarFlow.load(args.flow).metadata
+    settings = {"flow": args.flow, "seeds": args.seeds, "n_proposals": args.n_proposals, "temperatures": args.temperatures}
+    # The sampling runs are kept apart (results/rare_basin_sbg.json), so the report can be
+    # redone, e.g. once the umbrella-sampling reference is complete, without sampling again.
+    cached = DATA / "rare_basin_sbg.json"
+    if cached.exists() and load_json(cached.name)["settings"] == settings:
+        sbg = load_json(cached.name)["sbg"]
+    else:
+        sbg = {}
+        for temperature in args.temperatures:
+            runs = sbg_runs(args.flow, temperature, args.seeds, args.n_proposals)
+            sbg[f"{temperature:g}"] = {**summarise(runs), "runs": runs}
+        save_json(cached.name, {"settings": settings, "sbg": sbg})
     results = {
         "machine": machine(), "command": command_line("rare_basin.py", argv), "seeds": args.seeds, "n_proposals": args.n_proposals,
         "flow": {"path": args.flow, "preset": record.get("preset"), "data": ", ".join(os.path.basename(p) for p in record.get("data", [])),
@@ -186,11 +198,8 @@ def main(argv=None) -> None:
         "umbrella": load_json("umbrella_sampling.json"),
         "md": md_visits([*args.md, shipped.reference_path("ad2")]),
         "md_ns_per_min": args.md_ns_per_min,
-        "sbg": {},
+        "sbg": sbg,
     }
-    for temperature in args.temperatures:
-        runs = sbg_runs(args.flow, temperature, args.seeds, args.n_proposals)
-        results["sbg"][f"{temperature:g}"] = {**summarise(runs), "runs": runs}
     results["wall_clock_s"] = {"replica_exchange": args.re_seconds, "training": record["train_seconds"]}
     results["plot"] = plot(results)
     publish(results, "rare_basin.json", HEADING, report(results), write=not args.no_write)

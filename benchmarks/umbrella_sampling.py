@@ -71,13 +71,6 @@ def phi_atoms(topology) -> tuple[int, int, int, int]:
     return tuple(int(i) for i in indices[0])
 
 
-def dihedral(xyz: np.ndarray, atoms) -> float:
-    b0, b1, b2 = xyz[atoms[1]] - xyz[atoms[0]], xyz[atoms[2]] - xyz[atoms[1]], xyz[atoms[3]] - xyz[atoms[2]]
-    n1, n2 = np.cross(b0, b1), np.cross(b1, b2)
-    m1 = np.cross(n1, b1 / np.linalg.norm(b1))
-    return float(np.arctan2(np.dot(m1, n2), np.dot(n1, n2)))
-
-
 def run_windows(temperature_K: float, seed: int, args) -> dict:
     """Run (or resume) one repeat: every window's (phi, psi) samples and its wall-clock."""
     from openmm import unit
@@ -94,11 +87,14 @@ def run_windows(temperature_K: float, seed: int, args) -> dict:
     psi_idx = tuple(int(i) for i in mdtraj.compute_psi(mdtraj.Trajectory(np.zeros((1, md_top.n_atoms, 3)), md_top))[0][0])
     steps_per_sample = int(round(args.sample_ps * 1000))
     n_samples = int(round(args.ps / args.sample_ps))
+    quartets = np.array([phi_idx, psi_idx])
     windows = []
     for i, centre in enumerate(centres):
         path = folder / f"window{i:03d}.npz"
         if path.exists():
             saved = np.load(path)
+            if str(saved.get("convention")) != "iupac":
+                raise ValueError(f"{path} holds dihedrals of another sign convention; delete {folder} to rerun it")
             windows.append({"phi": saved["phi"], "psi": saved["psi"], "seconds": float(saved["seconds"])})
             context.setPositions(saved["last_positions"])
             continue
@@ -107,15 +103,15 @@ def run_windows(temperature_K: float, seed: int, args) -> dict:
         if i == 0:
             context.setVelocitiesToTemperature(temperature_K * unit.kelvin, seed + 1)
         integrator.step(int(round(args.equilibration_ps * 1000)))
-        phi, psi = np.empty(n_samples), np.empty(n_samples)
+        xyz = np.empty((n_samples, md_top.n_atoms, 3), dtype=np.float32)
         for s in range(n_samples):
             integrator.step(steps_per_sample)
-            xyz = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-            phi[s], psi[s] = dihedral(xyz, phi_idx), dihedral(xyz, psi_idx)
+            xyz[s] = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        phi, psi = mdtraj.compute_dihedrals(mdtraj.Trajectory(xyz, md_top), quartets).T.astype(np.float64)
         seconds = time.perf_counter() - start
         last = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, phi=phi, psi=psi, seconds=seconds, last_positions=last)
+        np.savez(tmp, phi=phi, psi=psi, seconds=seconds, last_positions=last, convention="iupac")
         os.replace(tmp, path)
         windows.append({"phi": phi, "psi": psi, "seconds": seconds})
         print(f"T={temperature_K:g} K seed {seed}: window {i + 1}/{len(centres)} (phi0 {math.degrees(centre):.0f} deg) {seconds:.1f} s", flush=True)
