@@ -34,6 +34,10 @@ from openmm_sbg.io import atomic_write_text, read_json
 from openmm_sbg.target import BoltzmannTarget
 
 DATA_SOURCES = ("md", "replica-exchange")
+# Weighted samples estimate populations best. Importance sampling keeps its proposals
+# independent (no resampling) and unclipped (clipping the largest weights biases a rare
+# basin), with the CoM adjustment that cancels the flow's own CoM density.
+_INDEPENDENT_PROPOSALS = {"resample_threshold": 0.0, "clip_fraction": 0.0, "com_adjustment": "gaussian"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +219,7 @@ def _sample(target, flow_path, folder, kelvin, config: PipelineConfig, device, p
     return sample(
         at_temperature, flow, out, seed=config.seed, n_particles=config.n_particles, n_steps=config.n_steps,
         kernel=config.kernel, progress=progress,
-        # Weighted samples estimate populations best; importance sampling keeps its independent proposals.
-        resample_at_end=False, **({"resample_threshold": 0.0} if config.n_steps == 0 else {}),
+        resample_at_end=False, **(_INDEPENDENT_PROPOSALS if config.n_steps == 0 else {}),
     )
 
 
