@@ -168,3 +168,21 @@ def test_a_refined_cartesian_flow_is_still_an_exact_density(objective, tmp_path)
     assert any(not torch.equal(a, b) for a, b in zip(refined.state_dict().values(), flow.double().state_dict().values()))
     x, log_q = refined.sample(64, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(refined.log_prob(x), log_q, rtol=0, atol=1e-8)
+
+
+def test_train_refine_command_writes_a_refined_flow_and_its_record(tmp_path, capsys):
+    from openmm_sbg import cli, shipped
+
+    out = tmp_path / "refined.pt"
+    # The reference file holds only test frames: the data term has nothing to fit, which is refused ...
+    argv = ["train", "--refine", "ad2", "--data", shipped.reference_path("ad2"), "--out", str(out), "--steps", "2",
+            "--batch-size", "8", "--eval-every", "1", "--eval-proposals", "64", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "data_positions" in capsys.readouterr().err
+    # ... and without the data term the energy alone refines.
+    assert cli.main([*argv, "--data-weight", "0"]) == 0
+    summary = __import__("json").loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and [entry["step"] for entry in summary["ess_over_time"]] == [0, 1, 2]
+    assert len(summary["state_populations"]["weighted_populations"]) >= 2  # backbone basins of a peptide are tracked
+    refined = TarFlow.load(out)
+    assert refined.metadata["refinement"]["complete"] and refined.metadata["refinement"]["options"]["objective"] == "weighted-ml"

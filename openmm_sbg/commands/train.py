@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     refine.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the refinement")
     refine.add_argument("--eval-every", type=int, default=refine_defaults.eval_every,
                         help="steps between ESS / population checks (and checkpoints)")
+    refine.add_argument("--eval-proposals", type=int, default=refine_defaults.eval_proposals,
+                        help="proposals scored at each check")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
@@ -172,6 +174,7 @@ def _refine(args: argparse.Namespace) -> dict:
         grad_clip=args.grad_clip,
         ema_decay=_given(args.ema_decay, RefineOptions.ema_decay),
         eval_every=args.eval_every,
+        eval_proposals=args.eval_proposals,
         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
         seed=args.seed,
     )

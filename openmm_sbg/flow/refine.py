@@ -225,8 +225,8 @@ def refine(
     (:class:`AllProcesses`), end with the one-process result, and rank 0 writes.
     """
     options = options or RefineOptions()
-    if options.data_weight > 0 and data_positions is None:
-        raise ValueError("data_weight > 0 needs data_positions (the MD frames the flow was trained on); or pass data_weight=0")
+    if options.data_weight > 0 and (data_positions is None or len(data_positions) == 0):
+        raise ValueError("data_weight > 0 needs data_positions, MD frames such as the flow was trained on; or pass data_weight=0")
     if flow.n_atoms != target.n_atoms:
         raise ValueError(f"the flow models {flow.n_atoms} atoms but the target has {target.n_atoms}; refine the flow of this molecule")
     # Under torchrun (an initialised default group) the processes share every step's work.
