@@ -35,33 +35,52 @@ RARE = 2  # index of alphaL/C7ax in openmm_sbg.populations.BACKBONE_STATES
 
 
 def sbg_runs(flow_path: str, temperature: float, seeds: int, n_proposals: int) -> list[dict]:
+    """One importance-sampling run per seed; runs already in ``results/rare_basin_runs.json`` are reused.
+
+    The runs are kept apart from the report, so more seeds can be added and the report redone
+    (e.g. once the umbrella-sampling reference is complete) without sampling again.
+    """
     from openmm import unit
 
     from openmm_sbg import populations, systems
     from openmm_sbg.flow import TarFlow
-    from openmm_sbg.smc import SMCSampler
 
+    store = DATA / "rare_basin_runs.json"
+    done = load_json(store.name) if store.exists() else {}
     target = systems.get("ad2", temperature=temperature * unit.kelvin)
     flow = TarFlow.load(flow_path, target=target)
     labeller = populations.backbone_state_labeller(target.topology)
     runs = []
     for seed in range(seeds):
-        start = time.perf_counter()
-        result = SMCSampler(
-            target, flow, n_particles=n_proposals, n_steps=0, clip_fraction=0.0, com_adjustment="gaussian",
-            resample_at_end=False, resample_threshold=0.0, progress=False,
-        ).run(seed=seed)
-        seconds = time.perf_counter() - start
-        labels = labeller(result.positions)
-        pops, errors = populations.bootstrap_populations(labels, 3, result.log_weights, n_bootstrap=300, seed=seed)
-        runs.append({
-            "seed": seed, "seconds": seconds, "ess": result.ess, "log_z": result.log_z,
-            "populations": pops.tolist(), "bootstrap_errors": errors.tolist(),
-            "proposal_populations": (np.bincount(labels, minlength=3) / len(labels)).tolist(),
-            "time_to_20_percent": _time_to_20_percent(labels, result.log_weights, seconds),
-        })
-        print(f"{temperature:g} K seed {seed}: ESS {result.ess:.3f}, P(alphaL) {pops[RARE]:.5f} ± {errors[RARE]:.5f}, {seconds:.0f} s", flush=True)
+        key = f"{flow_path}|{temperature:g}|{n_proposals}|{seed}"
+        if key not in done:
+            done[key] = _importance_sampling(target, flow, labeller, n_proposals, seed)
+            save_json(store.name, done)
+        run = done[key]
+        runs.append(run)
+        print(f"{temperature:g} K seed {seed}: ESS {run['ess']:.3f}, P(alphaL) {run['populations'][RARE]:.5f} ± "
+              f"{run['bootstrap_errors'][RARE]:.5f}, {run['seconds']:.0f} s", flush=True)
     return runs
+
+
+def _importance_sampling(target, flow, labeller, n_proposals: int, seed: int) -> dict:
+    from openmm_sbg import populations
+    from openmm_sbg.smc import SMCSampler
+
+    start = time.perf_counter()
+    result = SMCSampler(
+        target, flow, n_particles=n_proposals, n_steps=0, clip_fraction=0.0, com_adjustment="gaussian",
+        resample_at_end=False, resample_threshold=0.0, progress=False,
+    ).run(seed=seed)
+    seconds = time.perf_counter() - start
+    labels = labeller(result.positions)
+    pops, errors = populations.bootstrap_populations(labels, 3, result.log_weights, n_bootstrap=300, seed=seed)
+    return {
+        "seed": seed, "seconds": seconds, "ess": result.ess, "log_z": result.log_z,
+        "populations": pops.tolist(), "bootstrap_errors": errors.tolist(),
+        "proposal_populations": (np.bincount(labels, minlength=3) / len(labels)).tolist(),
+        "time_to_20_percent": _time_to_20_percent(labels, result.log_weights, seconds),
+    }
 
 
 def _time_to_20_percent(labels, log_weights, seconds: float) -> float | None:
@@ -179,18 +198,10 @@ def main(argv=None) -> None:
     from openmm_sbg.flow import TarFlow
 
     record = TarFlow.load(args.flow).metadata
-    settings = {"flow": args.flow, "seeds": args.seeds, "n_proposals": args.n_proposals, "temperatures": args.temperatures}
-    # The sampling runs are kept apart (results/rare_basin_sbg.json), so the report can be
-    # redone, e.g. once the umbrella-sampling reference is complete, without sampling again.
-    cached = DATA / "rare_basin_sbg.json"
-    if cached.exists() and load_json(cached.name)["settings"] == settings:
-        sbg = load_json(cached.name)["sbg"]
-    else:
-        sbg = {}
-        for temperature in args.temperatures:
-            runs = sbg_runs(args.flow, temperature, args.seeds, args.n_proposals)
-            sbg[f"{temperature:g}"] = {**summarise(runs), "runs": runs}
-        save_json(cached.name, {"settings": settings, "sbg": sbg})
+    sbg = {}
+    for temperature in args.temperatures:
+        runs = sbg_runs(args.flow, temperature, args.seeds, args.n_proposals)
+        sbg[f"{temperature:g}"] = {**summarise(runs), "runs": runs}
     results = {
         "machine": machine(), "command": command_line("rare_basin.py", argv), "seeds": args.seeds, "n_proposals": args.n_proposals,
         "flow": {"path": args.flow, "preset": record.get("preset"), "data": ", ".join(os.path.basename(p) for p in record.get("data", [])),
