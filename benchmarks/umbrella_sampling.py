@@ -227,6 +227,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ps", type=float, default=200.0, help="recorded time per window")
     parser.add_argument("--equilibration-ps", type=float, default=20.0)
     parser.add_argument("--sample-ps", type=float, default=0.2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seed of the first repeat (later repeats count up)")
+    parser.add_argument("--tag", default=None, help="write results/umbrella_sampling-TAG.json and its own RESULTS.md section")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if len(args.repeats) != len(args.temperatures):
@@ -234,9 +236,10 @@ def main(argv=None) -> None:
     results = {"machine": machine(), "command": command_line("umbrella_sampling.py", argv), "temperatures": [],
                "settings": {k: getattr(args, k) for k in ("windows", "k", "ps", "equilibration_ps", "sample_ps")}}
     for temperature, repeats in zip(args.temperatures, args.repeats):
-        runs = [run_windows(temperature, seed, args) for seed in range(repeats)]
+        runs = [run_windows(temperature, seed, args) for seed in range(args.first_seed, args.first_seed + repeats)]
         results["temperatures"].append(analyse(temperature, runs, args))
-    publish(results, "umbrella_sampling.json", HEADING, report(results), write=not args.no_write)
+    name, heading = ("umbrella_sampling", HEADING) if args.tag is None else (f"umbrella_sampling-{args.tag}", f"{HEADING}, {args.tag}")
+    publish(results, f"{name}.json", heading, report(results), write=not args.no_write)
 
 
 if __name__ == "__main__":
