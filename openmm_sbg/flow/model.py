@@ -31,21 +31,25 @@ SAMPLE_BATCH_SIZE = 4096
 
 
 class KVCache:
-    """Keys and values of one transformer layer for the positions filled so far.
+    """Keys and values of one transformer layer for the positions filled so far: written in place
+    into ``length`` positions, or, when they need gradients (reverse-KL refinement backpropagates
+    through sampling), grown by concatenation, as in-place writes would break the backward pass."""
 
-    Grown by concatenation rather than written in place, so that autograd can differentiate
-    through the inverse (reverse-KL refinement backpropagates through sampling).
-    """
-
-    def __init__(self):
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+    def __init__(self, length: int):
+        self.length, self.filled = length, 0
+        self.keys = self.values = None  # tensors [B, H, positions, D] once the first token is in
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new positions' keys and values ``[B, H, T, D]``; return all of them."""
-        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
-        self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
-        return self.keys, self.values
+        start, self.filled = self.filled, self.filled + keys.shape[2]
+        if keys.requires_grad:
+            pairs = ((self.keys, keys), (self.values, values))
+            self.keys, self.values = (new if old is None else torch.cat([old, new], dim=2) for old, new in pairs)
+            return self.keys, self.values
+        if self.keys is None:
+            self.keys, self.values = (t.new_empty(*t.shape[:2], self.length, t.shape[3]) for t in (keys, values))
+        self.keys[:, :, start : self.filled], self.values[:, :, start : self.filled] = keys, values
+        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
 
 
 class CausalSelfAttention(nn.Module):
@@ -137,7 +141,7 @@ class AutoregressiveAffine(nn.Module):
         if self.reverse:
             z = z.flip(1)
         batch, tokens, _ = z.shape
-        caches = [KVCache() for _ in self.layers]
+        caches = [KVCache(tokens - 1) for _ in self.layers]
         x = [z[:, :1]]
         log_det = z.new_zeros(batch)
         for i in range(1, tokens):
