@@ -82,31 +82,29 @@ def independent_samples(samples) -> bool:
 def state_summary(samples, reference, log_weights, independent: bool) -> dict | None:
     """Backbone-state populations (:mod:`openmm_sbg.populations`) of the first residue with phi and psi.
 
-    Error bars are bootstrap errors when the samples are independent (importance sampling
-    that keeps its weights); SMC particles and resampled proposals are correlated, so their error bars need repeated seeds
+    ``samples`` and ``reference`` (or ``None``) are mdtraj trajectories. Error bars are bootstrap
+    errors when the samples are independent (importance sampling that keeps its weights); SMC
+    particles and resampled proposals are correlated, so their error bars need repeated seeds
     (:func:`openmm_sbg.populations.combine_repeats`) and none is given here.
     """
-    import mdtraj
-
     from openmm_sbg import populations
 
-    angles = []
-    for traj in (samples, reference):
-        (_, phi), (_, psi) = mdtraj.compute_phi(traj), mdtraj.compute_psi(traj)
-        if phi.shape[1] == 0 or psi.shape[1] == 0:
-            return None  # not a peptide with a backbone residue
-        angles.append(np.stack([phi[:, 0], psi[:, 0]], axis=1))
-    labels = [populations.backbone_states(a) for a in angles]
-    n = len(populations.BACKBONE_STATES)
+    try:
+        labeller = populations.backbone_state_labeller(samples.topology)
+    except ValueError:
+        return None  # not a peptide with a backbone residue
+    labels, n = labeller(samples.xyz), len(populations.BACKBONE_STATES)
     if independent:
-        pops, errors = populations.bootstrap_populations(labels[0], n, log_weights)
+        pops, errors = populations.bootstrap_populations(labels, n, log_weights)
         errors = errors.tolist()
     else:
-        pops, errors = populations.state_populations(labels[0], n, log_weights), None
-    return {
+        pops, errors = populations.state_populations(labels, n, log_weights), None
+    summary = {
         "names": list(populations.BACKBONE_STATES),
         "rule": populations.BACKBONE_STATE_RULE,
         "samples": pops.tolist(),
         "samples_bootstrap_error": errors,
-        "reference": populations.state_populations(labels[1], n).tolist(),
     }
+    if reference is not None:
+        summary["reference"] = populations.state_populations(labeller(reference.xyz), n).tolist()
+    return summary

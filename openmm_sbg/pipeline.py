@@ -234,10 +234,7 @@ def _evaluate(target, folder, samples: dict) -> dict:
         if index == 0:
             metrics = evaluate(result, reference, plots=os.path.join(folder, "plots"), target=target)
         else:  # no reference at this temperature: the estimates themselves
-            traj = result.to_mdtraj()
             metrics = {"log_z": result.log_z, "ess": result.ess,
-                       "states": state_summary(traj, traj[:1], result.log_weights, independent_samples(result))}
-            if metrics["states"] is not None:
-                metrics["states"].pop("reference")
+                       "states": state_summary(result.to_mdtraj(), None, result.log_weights, independent_samples(result))}
         results[f"{kelvin:g}"] = {**metrics, "samples_file": path}
     return results
