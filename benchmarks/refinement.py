@@ -13,7 +13,8 @@ built-in ``ad2`` target at 300 K:
 
 Run: ``nice python benchmarks/refinement.py --flows ad2 runs/s3/ad2-refine-wml.pt ...``;
 writes ``results/refinement.json``, ``plots/refinement_ess.png`` and the "Energy-aware
-refinement" section of RESULTS.md.
+refinement" section of RESULTS.md (with ``--tag T``: ``refinement-T.json``,
+``refinement-T_ess.png`` and a section of its own, so earlier rows stay).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def evaluate(path: str, target, reference, args) -> dict:
     return row
 
 
-def plot(rows: list[dict]) -> str:
+def plot(rows: list[dict], name: str) -> str:
     figure, axis = common.axes()
     for row in rows:
         record = row["refinement"]
@@ -62,11 +63,11 @@ def plot(rows: list[dict]) -> str:
             continue
         history = record["history"]
         axis.plot([h["seconds"] / 60 for h in history], [h["ess"] for h in history], marker=".",
-                  label=f"{record['options']['objective']} (lr {record['options']['lr']:g})")
+                  label=f"{record['options']['objective']} (lr {record['options']['lr']:g}, data weight {record['options']['data_weight']:g})")
     axis.set_xlabel("refinement wall-clock (min; ML training before it not shown)")
     axis.set_ylabel("IS ESS (exact weights, 4096 proposals)")
     axis.legend(fontsize=8)
-    return common.save_plot(figure, "refinement_ess.png")
+    return common.save_plot(figure, name)
 
 
 def mean_sd(runs: list[dict], key: str, digits: int = 3) -> str:
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--flows", nargs="+", default=["ad2"], help="the starting flow first, then refined checkpoints")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n-proposals", type=int, default=10_000)
+    parser.add_argument("--tag", default=None, help="write results/refinement-TAG.json and its own RESULTS.md section")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     from openmm_sbg import metrics, shipped, systems
@@ -118,8 +120,9 @@ def main(argv=None) -> None:
                         "populations": common.populations(common.basin_labels(reference[0])).tolist()},
         "flows": [evaluate(shipped.flow_path(path), target, reference, args) for path in args.flows],
     }
-    results["plot"] = plot(results["flows"])
-    common.publish(results, "refinement.json", HEADING, report(results), write=not args.no_write)
+    name, heading = ("refinement", HEADING) if args.tag is None else (f"refinement-{args.tag}", f"{HEADING}, {args.tag}")
+    results["plot"] = plot(results["flows"], f"{name}_ess.png")
+    common.publish(results, f"{name}.json", heading, report(results), write=not args.no_write)
 
 
 if __name__ == "__main__":

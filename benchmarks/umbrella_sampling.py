@@ -1,10 +1,14 @@
-"""Umbrella sampling along phi with plain OpenMM + MBAR: the independent reference for ad2's rare basin.
+"""Umbrella sampling along phi (or phi and psi) with plain OpenMM + MBAR: the independent reference for ad2's rare basin.
 
 Windows restrain the backbone dihedral phi (C-N-CA-C) with a periodic harmonic bias
-``k/2 * d(phi, phi_k)^2`` at ``--windows`` evenly spaced centres; each window runs Langevin
-dynamics (1 fs, friction 1/ps, Reference platform, as ``openmm-sbg md``) started from the
-previous window's last configuration, ``--equilibration-ps`` unrecorded then ``--ps``
-recorded with (phi, psi) every ``--sample-ps``. pymbar's MBAR on the decorrelated samples of
+``k/2 * d(phi, phi_k)^2`` at ``--windows`` evenly spaced centres; with ``--psi-windows N``
+every phi centre is crossed with N psi centres (a second bias of the same form on psi), so
+that no slow degree of freedom is left unbiased: along phi alone, psi inside the phi > 0
+windows equilibrates too slowly (the 1-D repeats disagree far beyond their MBAR errors).
+Each window runs Langevin dynamics (1 fs, friction 1/ps, Reference platform, as
+``openmm-sbg md``) started from the previous window's last configuration (2-D windows run
+column by column in a serpentine, so consecutive windows are neighbours),
+``--equilibration-ps`` unrecorded then ``--ps`` recorded with (phi, psi) every ``--sample-ps``. pymbar's MBAR on the decorrelated samples of
 all windows (``timeseries.subsample_correlated_data`` per window) gives the unbiased basin
 populations (basins as :mod:`_common`) with MBAR's uncertainty; independent repeats
 (``--repeats`` seeds) give a second, seed-to-seed error bar. Wall-clock to a 20% answer for
@@ -25,6 +29,7 @@ import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
@@ -42,8 +47,8 @@ HEADING = "## Rare basin: umbrella sampling reference"
 STORE = WORK / "umbrella"
 
 
-def restrained_context(temperature_K: float, k_kj_per_rad2: float, seed: int):
-    """A Context of ad2 with a movable periodic harmonic restraint on phi (global ``phi0``)."""
+def restrained_context(temperature_K: float, k_kj_per_rad2: float, seed: int, restrain_psi: bool):
+    """A Context of ad2 with movable periodic harmonic restraints on phi (global ``phi0``) and, if asked, psi (``psi0``)."""
     import openmm
     from openmm import unit
 
@@ -51,11 +56,13 @@ def restrained_context(temperature_K: float, k_kj_per_rad2: float, seed: int):
 
     target = systems.get("ad2", temperature=temperature_K)
     system = target.system  # the target keeps its own copy
-    bias = openmm.CustomTorsionForce("0.5*k_phi*dtheta^2; dtheta = min(d, 2*pi - d); d = abs(theta - phi0); pi = 3.141592653589793")
-    bias.addGlobalParameter("k_phi", k_kj_per_rad2)
-    bias.addGlobalParameter("phi0", 0.0)
-    bias.addTorsion(*phi_atoms(target.topology), [])
-    system.addForce(bias)
+    restrained = [("phi", phi_atoms(target.topology))] + ([("psi", psi_atoms(target.topology))] if restrain_psi else [])
+    for name, atoms in restrained:
+        bias = openmm.CustomTorsionForce(f"0.5*k_{name}*dtheta^2; dtheta = min(d, 2*pi - d); d = abs(theta - {name}0); pi = 3.141592653589793")
+        bias.addGlobalParameter(f"k_{name}", k_kj_per_rad2)
+        bias.addGlobalParameter(f"{name}0", 0.0)
+        bias.addTorsion(*atoms, [])
+        system.addForce(bias)
     integrator = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, 1 / unit.picosecond, 1 * unit.femtosecond)
     integrator.setRandomNumberSeed(seed + 1)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
@@ -63,33 +70,55 @@ def restrained_context(temperature_K: float, k_kj_per_rad2: float, seed: int):
     return context, integrator, target.topology
 
 
+def _dihedral_atoms(topology, compute) -> tuple[int, int, int, int]:
+    import mdtraj
+
+    indices, _ = compute(mdtraj.Trajectory(np.zeros((1, topology.getNumAtoms(), 3)), mdtraj.Topology.from_openmm(topology)))
+    return tuple(int(i) for i in indices[0])
+
+
 def phi_atoms(topology) -> tuple[int, int, int, int]:
     """Indices of phi (C of ACE, N, CA, C of ALA), from mdtraj's definition."""
     import mdtraj
 
-    indices, _ = mdtraj.compute_phi(mdtraj.Trajectory(np.zeros((1, topology.getNumAtoms(), 3)), mdtraj.Topology.from_openmm(topology)))
-    return tuple(int(i) for i in indices[0])
+    return _dihedral_atoms(topology, mdtraj.compute_phi)
+
+
+def psi_atoms(topology) -> tuple[int, int, int, int]:
+    """Indices of psi (N, CA, C of ALA, N of NME), from mdtraj's definition."""
+    import mdtraj
+
+    return _dihedral_atoms(topology, mdtraj.compute_psi)
+
+
+def window_centres(args) -> np.ndarray:
+    """(windows, 2) centres (phi0, psi0) in radians, psi0 NaN for 1-D; 2-D in a serpentine order."""
+    phis = np.linspace(-math.pi, math.pi, args.windows, endpoint=False)
+    if not args.psi_windows:
+        return np.stack([phis, np.full_like(phis, np.nan)], axis=1)
+    psis = np.linspace(-math.pi, math.pi, args.psi_windows, endpoint=False)
+    return np.array([(phi, psi) for i, phi in enumerate(phis) for psi in (psis if i % 2 == 0 else psis[::-1])])
 
 
 def run_windows(temperature_K: float, seed: int, args) -> dict:
     """Run (or resume) one repeat: every window's (phi, psi) samples and its wall-clock."""
     from openmm import unit
 
-    centres = np.linspace(-math.pi, math.pi, args.windows, endpoint=False)
-    tag = f"T{temperature_K:g}-seed{seed}-w{args.windows}-k{args.k:g}-ps{args.ps:g}"
-    folder = STORE / tag
-    folder.mkdir(parents=True, exist_ok=True)
-    context, integrator, topology = restrained_context(temperature_K, args.k, seed)
-    phi_idx = phi_atoms(topology)
     import mdtraj
 
+    centres = window_centres(args)
+    grid = f"w{args.windows}" + (f"x{args.psi_windows}-eq{args.equilibration_ps:g}" if args.psi_windows else "")
+    tag = f"T{temperature_K:g}-seed{seed}-{grid}-k{args.k:g}-ps{args.ps:g}"
+    folder = STORE / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    context, integrator, topology = restrained_context(temperature_K, args.k, seed, restrain_psi=bool(args.psi_windows))
     md_top = mdtraj.Topology.from_openmm(topology)
-    psi_idx = tuple(int(i) for i in mdtraj.compute_psi(mdtraj.Trajectory(np.zeros((1, md_top.n_atoms, 3)), md_top))[0][0])
+    quartets = np.array([phi_atoms(topology), psi_atoms(topology)])
     steps_per_sample = int(round(args.sample_ps * 1000))
     n_samples = int(round(args.ps / args.sample_ps))
-    quartets = np.array([phi_idx, psi_idx])
     windows = []
-    for i, centre in enumerate(centres):
+    progress = tqdm(total=len(centres), desc=f"umbrella {temperature_K:g} K seed {seed}", unit="window", mininterval=30)
+    for i, (phi0, psi0) in enumerate(centres):
         path = folder / f"window{i:03d}.npz"
         if path.exists():
             saved = np.load(path)
@@ -97,9 +126,12 @@ def run_windows(temperature_K: float, seed: int, args) -> dict:
                 raise ValueError(f"{path} holds dihedrals of another sign convention; delete {folder} to rerun it")
             windows.append({"phi": saved["phi"], "psi": saved["psi"], "seconds": float(saved["seconds"])})
             context.setPositions(saved["last_positions"])
+            progress.update()
             continue
         start = time.perf_counter()
-        context.setParameter("phi0", float(centre))
+        context.setParameter("phi0", float(phi0))
+        if args.psi_windows:
+            context.setParameter("psi0", float(psi0))
         if i == 0:
             context.setVelocitiesToTemperature(temperature_K * unit.kelvin, seed + 1)
         integrator.step(int(round(args.equilibration_ps * 1000)))
@@ -114,14 +146,21 @@ def run_windows(temperature_K: float, seed: int, args) -> dict:
         np.savez(tmp, phi=phi, psi=psi, seconds=seconds, last_positions=last, convention="iupac")
         os.replace(tmp, path)
         windows.append({"phi": phi, "psi": psi, "seconds": seconds})
-        print(f"T={temperature_K:g} K seed {seed}: window {i + 1}/{len(centres)} (phi0 {math.degrees(centre):.0f} deg) {seconds:.1f} s", flush=True)
+        progress.update()
+    progress.close()
     return {"centres": centres, "windows": windows}
 
 
-def periodic_bias(phi: np.ndarray, centre: float, k: float) -> np.ndarray:
-    d = np.abs(phi - centre) % (2 * math.pi)
+def periodic_bias(angle: np.ndarray, centre: float, k: float) -> np.ndarray:
+    d = np.abs(angle - centre) % (2 * math.pi)
     d = np.minimum(d, 2 * math.pi - d)
     return 0.5 * k * d**2
+
+
+def window_bias(phi: np.ndarray, psi: np.ndarray, centre: np.ndarray, k: float) -> np.ndarray:
+    """Bias energy (kJ/mol) of the window at ``centre`` = (phi0, psi0); psi0 NaN means phi only."""
+    bias = periodic_bias(phi, centre[0], k)
+    return bias if np.isnan(centre[1]) else bias + periodic_bias(psi, centre[1], k)
 
 
 def mbar_populations(run: dict, temperature_K: float, k: float, fraction: float = 1.0) -> dict:
@@ -133,12 +172,12 @@ def mbar_populations(run: dict, temperature_K: float, k: float, fraction: float 
     for w, centre in zip(run["windows"], run["centres"]):
         n = max(int(len(w["phi"]) * fraction), 10)
         phi, psi = w["phi"][:n], w["psi"][:n]
-        keep = timeseries.subsample_correlated_data(periodic_bias(phi, centre, k))
+        keep = timeseries.subsample_correlated_data(window_bias(phi, psi, centre, k))
         phis.append(phi[keep])
         psis.append(psi[keep])
         counts.append(len(keep))
     phi, psi = np.concatenate(phis), np.concatenate(psis)
-    u_kn = np.stack([periodic_bias(phi, c, k) / kT for c in run["centres"]])
+    u_kn = np.stack([window_bias(phi, psi, c, k) / kT for c in run["centres"]])
     mbar = MBAR(u_kn, np.array(counts))
     labels = basin_labels(np.stack([phi, psi], axis=1))
     indicators = np.stack([(labels == b).astype(float) for b in range(len(BASINS))])
@@ -177,7 +216,7 @@ def analyse(temperature_K: float, runs: list[dict], args) -> dict:
         "seed_stderr": spread.tolist(),
         "mbar_error_of_mean": mbar_err.tolist(),
         "seconds_per_repeat": seconds,
-        "simulated_ns_per_repeat": args.windows * (args.ps + args.equilibration_ps) / 1000,
+        "simulated_ns_per_repeat": len(runs[0]["centres"]) * (args.ps + args.equilibration_ps) / 1000,
         "seconds_to_20_percent": to_20,
     }
 
@@ -188,7 +227,8 @@ def fmt(p: float, e: float) -> str:
 
 def report(results: dict) -> str:
     s = results["settings"]
-    what = f"{s['windows']} windows along phi (periodic harmonic bias, k = {s['k']:g} kJ/mol/rad²), {s['equilibration_ps']:g} ps equilibration + {s['ps']:g} ps recorded per window ((phi, psi) every {s['sample_ps']:g} ps), Langevin 1 fs, friction 1/ps, OpenMM Reference platform, one core; MBAR (pymbar) on the samples of each window decorrelated with `timeseries.subsample_correlated_data`. Basins: {BASIN_RULE}."
+    grid = f"{s['windows']} × {s['psi_windows']} windows on a (phi, psi) grid (periodic harmonic biases on both" if s.get("psi_windows") else f"{s['windows']} windows along phi (periodic harmonic bias"
+    what = f"{grid}, k = {s['k']:g} kJ/mol/rad²), {s['equilibration_ps']:g} ps equilibration + {s['ps']:g} ps recorded per window ((phi, psi) every {s['sample_ps']:g} ps), Langevin 1 fs, friction 1/ps, OpenMM Reference platform, one core; MBAR (pymbar) on the samples of each window decorrelated with `timeseries.subsample_correlated_data`. Basins: {BASIN_RULE}."
     lines = header(results, what, ['T (K)', 'repeats', 'C7eq/beta', 'alphaR', 'alphaL/C7ax (phi > 0)', 'dF(C7eq/beta -> alphaL/C7ax) (kT)', 'simulated ns per repeat', 'wall-clock per repeat', 'to a 20% answer on alphaL/C7ax'])
     for r in results["temperatures"]:
         pops, err = r["populations"], r["seed_stderr"]
@@ -222,7 +262,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 350.0])
     parser.add_argument("--repeats", type=int, nargs="+", default=[3, 2], help="independent repeats per temperature")
-    parser.add_argument("--windows", type=int, default=36)
+    parser.add_argument("--windows", type=int, default=36, help="window centres along phi")
+    parser.add_argument("--psi-windows", type=int, default=0, help="window centres along psi for each phi centre (0: bias phi only)")
     parser.add_argument("--k", type=float, default=200.0, help="bias force constant, kJ/mol/rad^2")
     parser.add_argument("--ps", type=float, default=200.0, help="recorded time per window")
     parser.add_argument("--equilibration-ps", type=float, default=20.0)
@@ -234,7 +275,7 @@ def main(argv=None) -> None:
     if len(args.repeats) != len(args.temperatures):
         parser.error("give one --repeats count per temperature")
     results = {"machine": machine(), "command": command_line("umbrella_sampling.py", argv), "temperatures": [],
-               "settings": {k: getattr(args, k) for k in ("windows", "k", "ps", "equilibration_ps", "sample_ps")}}
+               "settings": {k: getattr(args, k) for k in ("windows", "psi_windows", "k", "ps", "equilibration_ps", "sample_ps")}}
     for temperature, repeats in zip(args.temperatures, args.repeats):
         runs = [run_windows(temperature, seed, args) for seed in range(args.first_seed, args.first_seed + repeats)]
         results["temperatures"].append(analyse(temperature, runs, args))

@@ -165,7 +165,8 @@ def _draw_rows(flow, n: int, batch_size: int, generator: torch.Generator, start:
             latents = flow.draw_latents(min(SAMPLE_BATCH_SIZE, call_count - offset), generator)
             lo, hi = max(start, first) - first, min(stop, first + len(latents)) - first
             if lo < hi:
-                rows.append(flow.from_latents(latents[lo:hi])[0].to(dtype=torch.float64, device="cpu"))
+                with torch.no_grad():
+                    rows.append(flow.from_latents(latents[lo:hi])[0].to(dtype=torch.float64, device="cpu"))
     return torch.cat(rows) if rows else torch.empty((0, flow.n_atoms, 3), dtype=torch.float64)
 
 

@@ -329,9 +329,8 @@ class TarFlow(nn.Module):
         param = self._param()
         return torch.randn(int(n), self.latent_dim, generator=generator, dtype=param.dtype, device=param.device)
 
-    @torch.no_grad()
     def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of :meth:`draw_latents` -> ``(x [B, N, 3] nm, log q(x) [B])``."""
+        """Rows of :meth:`draw_latents` -> ``(x [B, N, 3] nm, log q(x) [B])``; differentiable in the weights (reverse KL) unless under ``torch.no_grad``."""
         z = latents[:, : self.dim].reshape(len(latents), *self.representation.feature_shape)
         rigid = latents[:, self.dim :] if self.representation.n_rigid else None
         x, log_det = self.inverse(z, rigid)

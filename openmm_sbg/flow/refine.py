@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from openmm_sbg.flow import checkpoint
-from openmm_sbg.flow.model import TarFlow, _standard_normal_log_prob
+from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.training import _cpu_copy, _features, _fingerprint, _generator, optimiser_step
 from openmm_sbg.smc.proposal import com_log_density
 
@@ -115,7 +115,8 @@ def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator
     latents = flow.draw_latents(n, generator)[processes.rows(n)]
     xs, log_ws = [], []
     for start in range(0, len(latents), batch_size):
-        x, log_q = flow.from_latents(latents[start : start + batch_size])
+        with torch.no_grad():
+            x, log_q = flow.from_latents(latents[start : start + batch_size])
         x = x.double()
         energy = target.energy(x, allow_nonfinite=True)
         log_w = -energy + com_log_density(x, flow.com_std, "gaussian") - log_q.double()
@@ -274,10 +275,7 @@ class _Run:
             y = self.model.representation.augment(y, _generator(o.seed, _BUFFER_AUGMENT, self.step))
             return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
         latents = self.model.draw_latents(o.batch_size, _generator(o.seed, _REFRESH, self.step))[rows]
-        z = latents[:, : self.model.dim].reshape(len(latents), *self.model.representation.feature_shape)
-        rigid = latents[:, self.model.dim :] if self.model.representation.n_rigid else None
-        x, log_det = self.model.inverse(z, rigid)
-        log_q = _standard_normal_log_prob(z) - log_det
+        x, log_q = self.model.from_latents(latents)
         log_p = -_ReducedEnergy.apply(x, self.target) + com_log_density(x, self.model.com_std, "gaussian")
         finite = torch.isfinite(log_p)  # a clash: no gradient from that sample
         return (log_q - log_p)[finite].sum() / (o.batch_size * self.model.dim)
