@@ -9,7 +9,7 @@ trained flow and fits it to the Boltzmann distribution itself. Two objectives
     place of AIS. Every ``refresh_every`` steps the EMA flow proposes
     ``proposals_per_refresh`` configurations scored with the target energy; the buffer keeps
     the last ``buffer_refreshes`` of these sets with their weights ``p / q_old``; each step
-    fits the flow to a batch resampled from the buffer by weight. This is the forward
+    fits the flow to a batch resampled from the buffer by weight (the buffer starts full). This is the forward
     KL(p || q): mass-covering, so it moves mass between the basins the flow proposes instead
     of collapsing onto one, and it needs no force.
 ``"reverse-kl"``: KL(q || p) through the differentiable inverse, with the target's forces;
@@ -45,8 +45,8 @@ from openmm_sbg.smc.proposal import com_log_density
 
 OBJECTIVES = ("weighted-ml", "reverse-kl")
 # Kinds of random stream (see openmm_sbg.flow.training): proposals, buffer batches and their
-# augmentation, data batches and theirs, evaluation.
-_REFRESH, _BUFFER_BATCH, _BUFFER_AUGMENT, _DATA_BATCH, _DATA_AUGMENT, _EVALUATE = range(10, 16)
+# augmentation, data batches and theirs, evaluation, the buffer's first filling.
+_REFRESH, _BUFFER_BATCH, _BUFFER_AUGMENT, _DATA_BATCH, _DATA_AUGMENT, _EVALUATE, _FILL = range(10, 17)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,10 +263,12 @@ class _Run:
         """This process's part of the energy term: a sum over its rows divided by the batch size."""
         o, rows = self.options, self.processes.rows(self.options.batch_size)
         if o.objective == "weighted-ml":
-            if self.step % o.refresh_every == 0 or not self.buffer:
-                generator = _generator(o.seed, _REFRESH, self.step)
-                x, log_w = importance_weights(self.ema, self.target, o.proposals_per_refresh, generator, processes=self.processes)
-                self.buffer = [*self.buffer, (x.float(), log_w)][-o.buffer_refreshes :]
+            if not self.buffer:
+                # Start full: batches resampled from one refresh alone would revisit its few
+                # heavy configurations and pull the flow onto them.
+                self.buffer = [self.proposals(_generator(o.seed, _FILL, i)) for i in range(o.buffer_refreshes)]
+            elif self.step % o.refresh_every == 0:
+                self.buffer = [*self.buffer, self.proposals(_generator(o.seed, _REFRESH, self.step))][-o.buffer_refreshes :]
             # Each refresh's self-normalised weights estimate p; the buffer averages them.
             probs = torch.cat([torch.softmax(log_w, 0) for _, log_w in self.buffer]) / len(self.buffer)
             pick = torch.multinomial(probs, o.batch_size, replacement=True, generator=_generator(o.seed, _BUFFER_BATCH, self.step))
@@ -279,6 +281,10 @@ class _Run:
         log_p = -_ReducedEnergy.apply(x, self.target) + com_log_density(x, self.model.com_std, "gaussian")
         finite = torch.isfinite(log_p)  # a clash: no gradient from that sample
         return (log_q - log_p)[finite].sum() / (o.batch_size * self.model.dim)
+
+    def proposals(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, log_w = importance_weights(self.ema, self.target, self.options.proposals_per_refresh, generator, processes=self.processes)
+        return x.float(), log_w
 
     def data_loss(self) -> torch.Tensor:
         o, rows = self.options, self.processes.rows(self.options.batch_size)
