@@ -54,7 +54,7 @@ def sbg_runs(flow_path: str, temperature: float, seeds: int, n_proposals: int) -
     runs = []
     for seed in range(seeds):
         key = f"{flow_path}|{temperature:g}|{n_proposals}|{seed}"
-        if key not in done:
+        if key not in done or "rare_ess" not in done[key]:
             done[key] = _importance_sampling(target, flow, labeller, n_proposals, seed)
             save_json(store.name, done)
         run = done[key]
@@ -76,7 +76,10 @@ def _importance_sampling(target, flow, labeller, n_proposals: int, seed: int) ->
     seconds = time.perf_counter() - start
     labels = labeller(result.positions)
     pops, errors = populations.bootstrap_populations(labels, 3, result.log_weights, n_bootstrap=300, seed=seed)
+    rare = np.exp(result.log_weights[labels == RARE] - result.log_weights.max())
     return {
+        # Kish's effective sample size of the proposals inside alphaL/C7ax: how many its mass rests on.
+        "rare_ess": float(rare.sum() ** 2 / np.sum(rare**2)) if rare.size else 0.0,
         "seed": seed, "seconds": seconds, "ess": result.ess, "log_z": result.log_z,
         "populations": pops.tolist(), "bootstrap_errors": errors.tolist(),
         "proposal_populations": (np.bincount(labels, minlength=3) / len(labels)).tolist(),
@@ -128,7 +131,8 @@ def summarise(runs: list[dict]) -> dict:
     return {"populations": mean.tolist(), "errors": stderr.tolist(), "dF_kT": df.tolist(), "dF_err_kT": df_err.tolist(),
             "ess": float(np.mean([r["ess"] for r in runs])), "seconds_per_seed": seconds_per_seed,
             "seconds_to_20_percent": to_20,
-            "proposal_alphaL": float(np.mean([r["proposal_populations"][RARE] for r in runs]))}
+            "proposal_alphaL": float(np.mean([r["proposal_populations"][RARE] for r in runs])),
+            "rare_ess_per_seed": float(np.mean([r["rare_ess"] for r in runs]))}
 
 
 def plot(results: dict) -> str:
@@ -179,6 +183,10 @@ def report(results: dict) -> str:
               + ", ".join(f"{k} K: {s['z_vs_umbrella']:+.2f}" for k, s in results["sbg"].items() if "z_vs_umbrella" in s)
               + "; relative standard error of SBG: "
               + ", ".join(f"{k} K: {s['errors'][RARE] / s['populations'][RARE]:.1%}" for k, s in results["sbg"].items()) + "."]
+    lines += ["", "The alphaL/C7ax mass rests on few proposals: the Kish effective sample size of the weights inside it is "
+              + ", ".join(f"{s['rare_ess_per_seed']:.1f} per seed at {k} K" for k, s in results["sbg"].items() if "rare_ess_per_seed" in s)
+              + f" (of {results['n_proposals']:,} proposals), so one seed's estimate is heavy-tailed and its bootstrap error "
+              "unreliable; the error above is the spread over seeds."]
     md = results["md"]
     total_ns = sum(r["ns"] for r in md)
     visits = sum(r["alphaL_frames"] for r in md)

@@ -23,6 +23,7 @@ temperature on one core); it writes ``results/umbrella_sampling.json`` and the
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -148,7 +149,7 @@ def run_windows(temperature_K: float, seed: int, args) -> dict:
         windows.append({"phi": phi, "psi": psi, "seconds": seconds})
         progress.update()
     progress.close()
-    return {"centres": centres, "windows": windows}
+    return {"centres": centres, "windows": windows, "folder": folder}
 
 
 def periodic_bias(angle: np.ndarray, centre: float, k: float) -> np.ndarray:
@@ -163,9 +164,20 @@ def window_bias(phi: np.ndarray, psi: np.ndarray, centre: np.ndarray, k: float) 
     return bias if np.isnan(centre[1]) else bias + periodic_bias(psi, centre[1], k)
 
 
-def mbar_populations(run: dict, temperature_K: float, k: float, fraction: float = 1.0) -> dict:
-    """Unbiased basin populations (and MBAR's standard errors) from the first ``fraction`` of every window."""
+def mbar_populations(run: dict, temperature_K: float, k: float, fraction: float = 1.0, initial_f_k=None) -> dict:
+    """Unbiased basin populations (and MBAR's standard errors) from the first ``fraction`` of every window.
+
+    MBAR's asymptotic covariance is taken with ``"svd-ew"`` (the pseudoinverse through an
+    eigendecomposition): plain SVD fails to converge for the hundreds of states of a grid.
+    ``initial_f_k`` (from a solve on more of the same windows) shortens the solve. A grid's
+    solve takes minutes, so each result is kept in the repeat's folder and reused.
+    """
     from pymbar import MBAR, timeseries
+
+    cache = run["folder"] / f"mbar-{fraction:.3f}.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        return {**saved, "f_k": np.array(saved["f_k"])}
 
     kT = 0.0083144626 * temperature_K
     phis, psis, counts = [], [], []
@@ -178,20 +190,25 @@ def mbar_populations(run: dict, temperature_K: float, k: float, fraction: float 
         counts.append(len(keep))
     phi, psi = np.concatenate(phis), np.concatenate(psis)
     u_kn = np.stack([window_bias(phi, psi, c, k) / kT for c in run["centres"]])
-    mbar = MBAR(u_kn, np.array(counts))
+    mbar = MBAR(u_kn, np.array(counts), solver_protocol="robust", initial_f_k=initial_f_k)
     labels = basin_labels(np.stack([phi, psi], axis=1))
     indicators = np.stack([(labels == b).astype(float) for b in range(len(BASINS))])
     u_unbiased = np.zeros_like(phi)
     pops, errs = [], []
     for a in indicators:
-        out = mbar.compute_expectations(a, u_kn=u_unbiased)
+        out = mbar.compute_expectations(a, u_kn=u_unbiased, uncertainty_method="svd-ew")
         pops.append(float(out["mu"][0]) if np.ndim(out["mu"]) else float(out["mu"]))
         errs.append(float(np.ravel(out["sigma"])[0]))
-    return {"populations": pops, "errors": errs, "decorrelated_samples": int(sum(counts))}
+    result = {"populations": pops, "errors": errs, "decorrelated_samples": int(sum(counts)), "f_k": mbar.f_k.tolist()}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, cache)
+    return {**result, "f_k": mbar.f_k}
 
 
 def analyse(temperature_K: float, runs: list[dict], args) -> dict:
     per_seed = [mbar_populations(r, temperature_K, args.k) for r in runs]
+    f_k = [s.pop("f_k") for s in per_seed]
     pops = np.array([s["populations"] for s in per_seed])
     mean = pops.mean(axis=0)
     spread = pops.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.full(len(BASINS), float("nan"))
@@ -199,11 +216,13 @@ def analyse(temperature_K: float, runs: list[dict], args) -> dict:
     seconds = [sum(w["seconds"] for w in r["windows"]) for r in runs]
     # Time to a 20% answer: the shortest prefix of one repeat whose MBAR relative error on
     # P(alphaL/C7ax) is at most 20% and whose estimate lies within 20% of the all-repeat mean.
+    # A grid's solves are slow (hundreds of states), so its prefixes are coarser.
+    fractions = (0.25, 0.5, 0.75, 1.0) if args.psi_windows else np.linspace(0.05, 1.0, 20)
     to_20 = []
-    for r, secs in zip(runs, seconds):
+    for r, secs, f in zip(runs, seconds, f_k):
         hit = None
-        for fraction in np.linspace(0.05, 1.0, 20):
-            est = mbar_populations(r, temperature_K, args.k, fraction)
+        for fraction in fractions:
+            est = mbar_populations(r, temperature_K, args.k, fraction, initial_f_k=f)
             p, e = est["populations"][2], est["errors"][2]
             if p > 0 and e / p <= 0.2 and abs(p - mean[2]) <= 0.2 * mean[2]:
                 hit = float(fraction * secs)
