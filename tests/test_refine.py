@@ -128,6 +128,23 @@ def test_refinement_resumes_exactly(tmp_path, monkeypatch):
         refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "split.pt", progress=False)
 
 
+def test_the_replay_buffer_starts_full_and_refreshes_replace_its_oldest_set():
+    target, _ = butane_like()
+    options = RefineOptions(steps=4, batch_size=16, data_weight=0.0, proposals_per_refresh=32, refresh_every=2, buffer_refreshes=3)
+    run = refine_module._Run(uniform_torsion_flow(target), target, options, None, None, refine_module.OneProcess())
+    run.energy_loss()
+    first = [x for x, _ in run.buffer]
+    assert len(first) == 3 and all(len(x) == 32 for x in first)
+    assert not torch.equal(first[0], first[1])  # three independent sets, not one repeated
+    run.step = 1
+    run.energy_loss()
+    assert [x is f for (x, _), f in zip(run.buffer, first)] == [True, True, True]  # no refresh between
+    run.step = 2
+    run.energy_loss()
+    kept = [x for x, _ in run.buffer]
+    assert len(kept) == 3 and kept[0] is first[1] and kept[1] is first[2] and all(kept[2] is not f for f in first)
+
+
 def test_population_guard_stops_a_run_that_drops_a_basin():
     target, _ = butane_like()
     labeller = torsion_of(target)
