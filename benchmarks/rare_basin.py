@@ -6,7 +6,7 @@
   the ``"gaussian"`` CoM adjustment; basin populations with bootstrap errors per seed and
   the standard error over seeds; P(alphaL/C7ax) against the proposals used, to find the
   sampling time to a 20% answer (when no single seed reaches it, the seeds needed for the
-  pooled bootstrap error to reach it).
+  spread over seeds, divided by sqrt(seeds), to reach it).
 - Reference: ``benchmarks/umbrella_sampling.py`` (MBAR over windows along phi, or on a
   (phi, psi) grid), read from ``results/umbrella_sampling.json`` or ``--umbrella``.
 - Plain MD: frames in alphaL/C7ax and the first visit in each ``--md`` file at 300 K.
@@ -54,7 +54,7 @@ def sbg_runs(flow_path: str, temperature: float, seeds: int, n_proposals: int) -
     runs = []
     for seed in range(seeds):
         key = f"{flow_path}|{temperature:g}|{n_proposals}|{seed}"
-        if key not in done or "rare_ess" not in done[key]:
+        if key not in done:
             done[key] = _importance_sampling(target, flow, labeller, n_proposals, seed)
             save_json(store.name, done)
         run = done[key]
@@ -124,15 +124,19 @@ def summarise(runs: list[dict]) -> dict:
     if hits:
         to_20 = float(np.mean(hits))
     else:
-        # No single seed reaches 20%: independent seeds pool, the error shrinking as 1/sqrt(seeds).
-        relative = float(np.mean([r["bootstrap_errors"][RARE] / r["populations"][RARE] for r in runs if r["populations"][RARE] > 0] or [math.inf]))
+        # No single seed reaches 20%: independent seeds pool, the error shrinking as
+        # 1/sqrt(seeds). One seed's error is taken from the spread over seeds, since a
+        # heavy-tailed seed's bootstrap understates it.
+        rare = np.array([r["populations"][RARE] for r in runs])
+        relative = float(rare.std(ddof=1) / rare.mean()) if len(runs) > 1 and rare.mean() > 0 else math.inf
         needed = math.ceil((relative / 0.2) ** 2) if math.isfinite(relative) else None
         to_20 = needed * seconds_per_seed if needed is not None and needed <= len(runs) else None
     return {"populations": mean.tolist(), "errors": stderr.tolist(), "dF_kT": df.tolist(), "dF_err_kT": df_err.tolist(),
             "ess": float(np.mean([r["ess"] for r in runs])), "seconds_per_seed": seconds_per_seed,
             "seconds_to_20_percent": to_20,
             "proposal_alphaL": float(np.mean([r["proposal_populations"][RARE] for r in runs])),
-            "rare_ess_per_seed": float(np.mean([r["rare_ess"] for r in runs]))}
+            # Runs of an earlier version of this script lack it.
+            "rare_ess_per_seed": float(np.mean([r["rare_ess"] for r in runs if "rare_ess" in r] or [math.nan]))}
 
 
 def plot(results: dict) -> str:
@@ -163,7 +167,7 @@ def _us_description(umbrella: dict) -> str:
 
 def report(results: dict) -> str:
     flow = results["flow"]
-    what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}). SBG is importance sampling, {results['n_proposals']} proposals per seed, {results['seeds']} seeds, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg). Umbrella sampling: {_us_description(results['umbrella'])}."
+    what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}). SBG is importance sampling, {results['n_proposals']} proposals per seed, {' and '.join(f"{len(v['runs'])} seeds at {k} K" for k, v in results['sbg'].items())}, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg). Umbrella sampling: {_us_description(results['umbrella'])}."
     lines = header(results, what, ['T (K)', 'method', 'C7eq/beta', 'alphaR', 'alphaL/C7ax', 'dF(C7eq/beta -> alphaR) (kT)', 'dF(C7eq/beta -> alphaL/C7ax) (kT)', 'IS ESS', 'proposals in alphaL/C7ax'])
     us = {r["temperature_K"]: r for r in results["umbrella"]["temperatures"]}
     for key, s in results["sbg"].items():
@@ -184,7 +188,7 @@ def report(results: dict) -> str:
               + "; relative standard error of SBG: "
               + ", ".join(f"{k} K: {s['errors'][RARE] / s['populations'][RARE]:.1%}" for k, s in results["sbg"].items()) + "."]
     lines += ["", "The alphaL/C7ax mass rests on few proposals: the Kish effective sample size of the weights inside it is "
-              + ", ".join(f"{s['rare_ess_per_seed']:.1f} per seed at {k} K" for k, s in results["sbg"].items() if "rare_ess_per_seed" in s)
+              + ", ".join(f"{s['rare_ess_per_seed']:.1f} per seed at {k} K" for k, s in results["sbg"].items() if math.isfinite(s.get("rare_ess_per_seed", math.nan)))
               + f" (of {results['n_proposals']:,} proposals), so one seed's estimate is heavy-tailed and its bootstrap error "
               "unreliable; the error above is the spread over seeds."]
     md = results["md"]
@@ -211,7 +215,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flow", required=True)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 350.0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3], help="seeds per temperature (one count for all, or one each)")
     parser.add_argument("--n-proposals", type=int, default=50_000)
     parser.add_argument("--re-seconds", type=float, required=True, help="wall-clock of the replica-exchange data, s")
     parser.add_argument("--md", nargs="+", default=["runs/ad2-md30.h5", "runs/ad2-md15b.h5"])
@@ -224,8 +228,11 @@ def main(argv=None) -> None:
 
     record = TarFlow.load(args.flow).metadata
     sbg = {}
+    if len(args.seeds) not in (1, len(args.temperatures)):
+        parser.error("give one --seeds count, or one per temperature")
+    seeds = dict(zip(args.temperatures, args.seeds * len(args.temperatures) if len(args.seeds) == 1 else args.seeds))
     for temperature in args.temperatures:
-        runs = sbg_runs(args.flow, temperature, args.seeds, args.n_proposals)
+        runs = sbg_runs(args.flow, temperature, seeds[temperature], args.n_proposals)
         sbg[f"{temperature:g}"] = {**summarise(runs), "runs": runs}
     results = {
         "machine": machine(), "command": command_line("rare_basin.py", argv), "seeds": args.seeds, "n_proposals": args.n_proposals,
