@@ -76,10 +76,8 @@ def _importance_sampling(target, flow, labeller, n_proposals: int, seed: int) ->
     seconds = time.perf_counter() - start
     labels = labeller(result.positions)
     pops, errors = populations.bootstrap_populations(labels, 3, result.log_weights, n_bootstrap=300, seed=seed)
-    rare = np.exp(result.log_weights[labels == RARE] - result.log_weights.max())
     return {
-        # Kish's effective sample size of the proposals inside alphaL/C7ax: how many its mass rests on.
-        "rare_ess": float(rare.sum() ** 2 / np.sum(rare**2)) if rare.size else 0.0,
+        "rare_ess": float(populations.state_effective_sizes(labels, 3, result.log_weights)[RARE]),
         "seed": seed, "seconds": seconds, "ess": result.ess, "log_z": result.log_z,
         "populations": pops.tolist(), "bootstrap_errors": errors.tolist(),
         "proposal_populations": (np.bincount(labels, minlength=3) / len(labels)).tolist(),

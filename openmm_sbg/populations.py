@@ -67,12 +67,28 @@ def state_populations(labels, n_states: int, log_weights=None) -> np.ndarray:
     return np.bincount(labels, weights=_normalised_weights(len(labels), log_weights), minlength=n_states)
 
 
+def state_effective_sizes(labels, n_states: int, log_weights=None) -> np.ndarray:
+    """Kish effective sample size of the weights inside each state, ``(sum w)^2 / sum w^2``, ``[n_states]``.
+
+    How many samples a state's weighted mass rests on. Where it is a handful, that state's
+    population is heavy-tailed from run to run and one run's bootstrap error understates the
+    spread: repeat with other seeds (:func:`combine_repeats`).
+    """
+    labels = _check_labels(labels, n_states)
+    weights = _normalised_weights(len(labels), log_weights)
+    mass = np.bincount(labels, weights=weights, minlength=n_states)
+    squares = np.bincount(labels, weights=weights**2, minlength=n_states)
+    return np.divide(mass**2, squares, out=np.zeros(n_states), where=squares > 0)
+
+
 def bootstrap_populations(labels, n_states: int, log_weights=None, n_bootstrap: int = 500, seed: int = 0):
     """Populations and their bootstrap standard errors, for independent samples (importance sampling).
 
     Resamples the samples with replacement and recomputes the self-normalised populations, so
     the error includes the weights' variance. Not for SMC particles after resampling, which
-    are correlated: use :func:`combine_repeats` over seeds.
+    are correlated: use :func:`combine_repeats` over seeds. Nor for a state whose
+    :func:`state_effective_sizes` is a handful: the few heavy weights it rests on are
+    missing from most runs, so the bootstrap sees too little of their spread.
     """
     labels = _check_labels(labels, n_states)
     log_weights = np.zeros(len(labels)) if log_weights is None else np.asarray(log_weights, dtype=np.float64)

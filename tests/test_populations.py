@@ -59,6 +59,15 @@ def test_repeats_combine_to_the_known_populations_within_their_error():
     assert stderr[2] / mean[2] < 0.2
 
 
+def test_state_effective_sizes_count_the_samples_a_state_rests_on():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    np.testing.assert_allclose(populations.state_effective_sizes(labels, 4), [4, 3, 1, 0])
+    # One weight e^10 times the rest: state 1's mass rests on about one sample.
+    log_w = np.array([0, 0, 0, 0, 10, 0, 0, 0], dtype=float)
+    sizes = populations.state_effective_sizes(labels, 3, log_w)
+    assert sizes[0] == pytest.approx(4) and sizes[1] == pytest.approx((np.e**10 + 2) ** 2 / (np.e**20 + 2)) and sizes[1] < 1.001
+
+
 def test_unweighted_populations_are_fractions():
     np.testing.assert_allclose(populations.state_populations([0, 0, 1, 2], 3), [0.5, 0.25, 0.25])
 
