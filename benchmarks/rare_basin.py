@@ -165,7 +165,8 @@ def _us_description(umbrella: dict) -> str:
 
 def report(results: dict) -> str:
     flow = results["flow"]
-    what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}). SBG is importance sampling, {results['n_proposals']} proposals per seed, {' and '.join(f"{len(v['runs'])} seeds at {k} K" for k, v in results['sbg'].items())}, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg). Umbrella sampling: {_us_description(results['umbrella'])}."
+    seeds = " and ".join(f"{len(v['runs'])} seeds at {k} K" for k, v in results["sbg"].items())
+    what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}). SBG is importance sampling, {results['n_proposals']} proposals per seed, {seeds}, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg). Umbrella sampling: {_us_description(results['umbrella'])}."
     lines = header(results, what, ['T (K)', 'method', 'C7eq/beta', 'alphaR', 'alphaL/C7ax', 'dF(C7eq/beta -> alphaR) (kT)', 'dF(C7eq/beta -> alphaL/C7ax) (kT)', 'IS ESS', 'proposals in alphaL/C7ax'])
     us = {r["temperature_K"]: r for r in results["umbrella"]["temperatures"]}
     for key, s in results["sbg"].items():
@@ -203,7 +204,7 @@ def report(results: dict) -> str:
               + (f"{s300['seconds_to_20_percent']:.0f} s | {(w['replica_exchange'] + w['training'] + s300['seconds_to_20_percent']) / 60:.0f} min |" if s300 and s300["seconds_to_20_percent"] else "not reached | |")]
     if u300 is not None:
         hits = [h for h in u300["seconds_to_20_percent"] if h is not None]
-        lines.append(f"| umbrella sampling + MBAR | {np.mean(hits) / 60:.1f} min of windows | | seconds | {np.mean(hits) / 60:.1f} min |" if hits else "| umbrella sampling | not reached | | | |")
+        lines.append(f"| umbrella sampling + MBAR | {np.mean(hits) / 60:.1f} min of windows | | MBAR not counted | {np.mean(hits) / 60:.1f} min |" if hits else "| umbrella sampling | not reached | | | |")
     lines.append(f"| plain MD | no visit in {total_ns:.0f} ns ({results['md_ns_per_min']:.1f} ns/min: {total_ns / results['md_ns_per_min']:.0f} min) | | | not reached |")
     lines += ["", f"![P(alphaL/C7ax) by temperature]({results['plot']})"]
     return "\n".join(lines)
