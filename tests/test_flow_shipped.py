@@ -61,7 +61,7 @@ def test_internal_model_is_a_useful_proposal(ad2):
 def test_replica_exchange_model_proposes_the_rare_basin(ad2):
     """`ad2-re` saw the hot replicas' phi > 0 frames: it proposes alphaL/C7ax, which 300 K MD never visits.
 
-    Its weighted mass there is about 0.016 at 300 K (benchmarks/RESULTS.md, "Rare basin");
+    Its weighted mass there is about 0.018 at 300 K (benchmarks/RESULTS.md, "Rare basin");
     the `ad2` model, trained on 300 K MD only, proposes almost none.
     """
     from openmm_sbg import populations
