@@ -330,7 +330,7 @@ class TarFlow(nn.Module):
         return torch.randn(int(n), self.latent_dim, generator=generator, dtype=param.dtype, device=param.device)
 
     def from_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of :meth:`draw_latents` -> ``(x [B, N, 3] nm, log q(x) [B])``; differentiable in the weights (reverse KL) unless under ``torch.no_grad``."""
+        """Rows of :meth:`draw_latents` -> ``(x [B, N, 3] nm, log q(x) [B])``, differentiable unless under ``no_grad``."""
         z = latents[:, : self.dim].reshape(len(latents), *self.representation.feature_shape)
         rigid = latents[:, self.dim :] if self.representation.n_rigid else None
         x, log_det = self.inverse(z, rigid)
