@@ -77,8 +77,8 @@ def _importance_sampling(target, flow, labeller, n_proposals: int, seed: int) ->
     labels = labeller(result.positions)
     pops, errors = populations.bootstrap_populations(labels, 3, result.log_weights, n_bootstrap=300, seed=seed)
     return {
-        "rare_ess": float(populations.state_effective_sizes(labels, 3, result.log_weights)[RARE]),
         "seed": seed, "seconds": seconds, "ess": result.ess, "log_z": result.log_z,
+        "rare_ess": float(populations.state_effective_sizes(labels, 3, result.log_weights)[RARE]),
         "populations": pops.tolist(), "bootstrap_errors": errors.tolist(),
         "proposal_populations": (np.bincount(labels, minlength=3) / len(labels)).tolist(),
         "time_to_20_percent": _time_to_20_percent(labels, result.log_weights, seconds),
@@ -144,16 +144,16 @@ def plot(results: dict) -> str:
     axis.errorbar(np.array(temps) - 2, [s["populations"][RARE] for s in sbg], [s["errors"][RARE] for s in sbg], fmt="o", label="SBG (IS, RE-trained flow)")
     us = {r["temperature_K"]: r for r in results["umbrella"]["temperatures"]}
     ut = [t for t in temps if t in us]
-    axis.errorbar(np.array(ut) + 2, [us[t]["populations"][RARE] for t in ut], [_us_error(us[t]) for t in ut], fmt="s", label="umbrella sampling + MBAR")
+    axis.errorbar(np.array(ut) + 2, [us[t]["populations"][RARE] for t in ut], [_us_errors(us[t])[RARE] for t in ut], fmt="s", label="umbrella sampling + MBAR")
     axis.set_xlabel("temperature (K)")
     axis.set_ylabel("P(alphaL/C7ax)")
     axis.legend(fontsize=8)
     return save_plot(figure, "rare_basin.png")
 
 
-def _us_error(row: dict) -> float:
-    err = row["seed_stderr"][RARE]
-    return err if np.isfinite(err) else row["mbar_error_of_mean"][RARE]
+def _us_errors(row: dict) -> list[float]:
+    """Umbrella sampling's error per basin: over repeats, or MBAR's where there is one repeat."""
+    return [e if np.isfinite(e) else m for e, m in zip(row["seed_stderr"], row["mbar_error_of_mean"])]
 
 
 def _us_description(umbrella: dict) -> str:
@@ -176,7 +176,7 @@ def report(results: dict) -> str:
                      f"{s['dF_kT'][1]:.2f} ± {s['dF_err_kT'][1]:.2f} | {s['dF_kT'][2]:.2f} ± {s['dF_err_kT'][2]:.2f} | {s['ess']:.3f} | {s['proposal_alphaL']:.4f} |")
         if t in us:
             u = us[t]
-            ue = [x if np.isfinite(x) else m for x, m in zip(u["seed_stderr"], u["mbar_error_of_mean"])]
+            ue = _us_errors(u)
             up = u["populations"]
             lines.append(f"| {t:g} | umbrella sampling | {up[0]:.3f} ± {ue[0]:.3f} | {up[1]:.3f} ± {ue[1]:.3f} | {up[2]:.5f} ± {ue[2]:.5f} | "
                          f"{-math.log(up[1] / up[0]):.2f} | {-math.log(up[2] / up[0]):.2f} | | |")

@@ -8,8 +8,8 @@ windows equilibrates too slowly (the 1-D repeats disagree far beyond their MBAR 
 Each window runs Langevin dynamics (1 fs, friction 1/ps, Reference platform, as
 ``openmm-sbg md``) started from the previous window's last configuration (2-D windows run
 column by column in a serpentine, so consecutive windows are neighbours),
-``--equilibration-ps`` unrecorded then ``--ps`` recorded with (phi, psi) every ``--sample-ps``. pymbar's MBAR on the decorrelated samples of
-all windows (``timeseries.subsample_correlated_data`` per window) gives the unbiased basin
+``--equilibration-ps`` unrecorded then ``--ps`` recorded with (phi, psi) every
+``--sample-ps``. pymbar's MBAR on the decorrelated samples of all windows (``timeseries.subsample_correlated_data`` per window) gives the unbiased basin
 populations (basins as :mod:`_common`) with MBAR's uncertainty; independent repeats
 (``--repeats`` seeds) give a second, seed-to-seed error bar. Wall-clock to a 20% answer for
 P(alphaL/C7ax) is measured by analysing growing prefixes of every window.
@@ -17,7 +17,10 @@ P(alphaL/C7ax) is measured by analysing growing prefixes of every window.
 Every window is saved as it finishes (``runs/bench/umbrella/``), so a rerun resumes.
 Run: ``nice python benchmarks/umbrella_sampling.py`` (about 7 minutes per repeat and
 temperature on one core); it writes ``results/umbrella_sampling.json`` and the
-"Rare basin: umbrella sampling reference" section of RESULTS.md.
+"Rare basin: umbrella sampling reference" section of RESULTS.md. The converged reference is
+the grid: ``--temperatures 300 --repeats 3 --windows 24 --psi-windows 24 --ps 50
+--equilibration-ps 5 --tag 2d-grid`` (41-71 minutes per repeat on one shared core, and
+minutes per MBAR solve, each kept as ``mbar-<fraction>.json`` in the repeat's folder).
 """
 
 from __future__ import annotations
