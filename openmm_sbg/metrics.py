@@ -86,7 +86,7 @@ def _subsample(angles: np.ndarray, weights, max_samples: int, rng: np.random.Gen
 
 
 def torus_w2(
-    angles, reference, weights=None, reference_weights=None, max_samples: int = 5000, seed: int = 0
+    angles, reference, weights=None, reference_weights=None, max_samples: int = 5000, seed: int = 0, draws: int = 1
 ) -> float:
     """T-W2: Wasserstein-2 distance on the torus between two sets of dihedral angles (radians).
 
@@ -101,15 +101,25 @@ def torus_w2(
         ``n x m`` cost matrix (8 n m bytes; 200 MB at 5000 x 5000).
     seed
         Seed of the subsampling.
+    draws
+        Independent subsamples to average over when a set is subsampled. One draw of 2,000
+        is noisy: two halves of ad2's 10 ns reference MD gave 0.11 to 0.20 over six draws.
     """
     angles, reference = np.atleast_2d(np.asarray(angles, float)), np.atleast_2d(np.asarray(reference, float))
     if angles.shape[1] != reference.shape[1]:
         raise ValueError(f"the two sets have {angles.shape[1]} and {reference.shape[1]} angles per sample")
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1; got {draws}")
+    if max(len(angles), len(reference)) <= max_samples:
+        draws = 1  # nothing is subsampled: every draw would give the same exact value
     rng = np.random.default_rng(seed)
-    angles, weights = _subsample(angles, weights, max_samples, rng)
-    reference, reference_weights = _subsample(reference, reference_weights, max_samples, rng)
-    cost = torus_distance_matrix(angles, reference)
-    return float(np.sqrt(max(ot.emd2(weights, reference_weights, cost, numItermax=10_000_000), 0.0)))
+    distances = []
+    for _ in range(draws):
+        a, a_weights = _subsample(angles, weights, max_samples, rng)
+        b, b_weights = _subsample(reference, reference_weights, max_samples, rng)
+        cost = torus_distance_matrix(a, b)
+        distances.append(np.sqrt(max(ot.emd2(a_weights, b_weights, cost, numItermax=10_000_000), 0.0)))
+    return float(np.mean(distances))
 
 
 def chirality_dihedrals(traj: mdtraj.Trajectory) -> np.ndarray:

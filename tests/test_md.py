@@ -88,3 +88,37 @@ def test_a_run_can_be_finished_early_or_extended(ad2, tmp_path):
     whole = str(tmp_path / "whole.h5")
     run_md(ad2, whole, CONFIG, platform="Reference", progress=False)
     np.testing.assert_array_equal(load_positions(out, ad2), load_positions(whole, ad2)[:8])
+
+
+def test_md_can_start_from_a_frame_of_another_trajectory(ad2, tmp_path):
+    import mdtraj
+
+    from openmm_sbg import systems
+
+    start = mdtraj.load(str(systems.structure_path("ad2")))
+    shifted = start.slice([0, 0])
+    shifted.xyz[1] += np.array([5.0, 0.0, 0.0], dtype=np.float32)  # frame 1: the structure moved 5 nm along x
+    shifted.save_hdf5(str(tmp_path / "start.h5"))
+    out = tmp_path / "md.h5"
+    code = main(["md", "ad2", "--start", str(tmp_path / "start.h5"), "--start-frame", "-1", "--ns", "0.001",
+                 "--frame-interval-ps", "0.1", "--equilibration-ps", "0.01", "--platform", "Reference",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    first = load_positions(str(out), ad2)[0]
+    # No CMMotionRemover and a short run: the centre stays near the start frame's, 5 nm from the PDB's.
+    assert np.linalg.norm(first.mean(0) - start.xyz[0].mean(0) - [5.0, 0.0, 0.0]) < 0.05
+
+
+def test_md_start_frame_errors_say_what_to_change(tmp_path, capsys):
+    import mdtraj
+
+    from openmm_sbg import systems
+
+    mdtraj.load(str(systems.structure_path("al3"))).save_hdf5(str(tmp_path / "al3.h5"))
+    common = ["--ns", "0.001", "--platform", "Reference", "--out", str(tmp_path / "x.h5"), "--no-progress"]
+    assert main(["md", "ad2", "--start", str(tmp_path / "al3.h5"), *common]) == 2
+    assert "give a frame of this molecule" in capsys.readouterr().err
+    assert main(["md", "al3", "--start", str(tmp_path / "al3.h5"), "--start-frame", "3", *common]) == 2
+    assert "outside" in capsys.readouterr().err
+    assert main(["md", "ad2", "--start", str(tmp_path / "none.h5"), *common]) == 2
+    assert "no such file" in capsys.readouterr().err

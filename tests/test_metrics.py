@@ -50,6 +50,23 @@ def test_torus_w2_subsampling_stays_close_to_the_exact_value():
     assert metrics.torus_w2(a, b, max_samples=300) == pytest.approx(exact, rel=0.25)
 
 
+def test_torus_w2_draws_average_independent_subsamples():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.0, 0.5, size=(400, 2)), rng.normal(0.3, 0.5, size=(400, 2))
+    # The same stream: the average of four draws is the mean of the four single draws it makes.
+    stream = np.random.default_rng(5)
+    singles = []
+    for _ in range(4):
+        xa, wa = metrics._subsample(a, None, 100, stream)
+        xb, wb = metrics._subsample(b, None, 100, stream)
+        singles.append(metrics.torus_w2(xa, xb, wa, wb))
+    assert metrics.torus_w2(a, b, max_samples=100, seed=5, draws=4) == pytest.approx(np.mean(singles), rel=1e-12)
+    assert len(set(np.round(singles, 12))) == 4  # the draws differ
+    assert metrics.torus_w2(a, b, draws=3) == metrics.torus_w2(a, b)  # no subsampling: one exact value
+    with pytest.raises(ValueError, match="draws"):
+        metrics.torus_w2(a, b, draws=0)
+
+
 def _ad2_frames(n=5, noise=0.002):
     traj = mdtraj.load(systems.structure_path("ad2"))
     rng = np.random.default_rng(0)

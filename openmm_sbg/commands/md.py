@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                         help="fractions of contiguous time blocks (default 0.8 0.1 0.1)")
+    parser.add_argument("--start", metavar="TRAJ",
+                        help="start from a frame of this trajectory (any file mdtraj reads, same atoms) instead of "
+                             "the system's structure: e.g. to sample a basin that a replica-exchange run found")
+    parser.add_argument("--start-frame", type=int, default=0, help="frame of --start to begin from (negative counts from the end)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     exchange = parser.add_argument_group(
         "temperature replica exchange (openmmtools), for data that covers basins plain MD does not reach"
@@ -36,6 +40,8 @@ def run(args: argparse.Namespace) -> dict:
     from openmm_sbg.md import MDConfig, run_md
 
     target = target_from_args(args)
+    if args.start is not None:
+        target.positions = _start_positions(args.start, args.start_frame, target)
     steps_per_frame = round(args.frame_interval_ps * 1000 / args.timestep_fs)
     n_frames = round(args.ns * 1000 / args.frame_interval_ps)
     if steps_per_frame < 1 or n_frames < 1:
@@ -53,6 +59,25 @@ def run(args: argparse.Namespace) -> dict:
     if args.replica_exchange:
         return _run_replica_exchange(args, target, config)
     return run_md(target, args.out, config, platform=args.platform, progress=not args.no_progress)
+
+
+def _start_positions(path: str, frame: int, target):
+    """Positions (nm) of one frame of ``path``, checked against the target's atoms."""
+    import os
+
+    import mdtraj
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--start {path}: no such file")
+    # Files without their own topology (DCD, XTC) take the system's.
+    own_topology = path.endswith((".h5", ".pdb"))
+    traj = mdtraj.load(path) if own_topology else mdtraj.load(path, top=mdtraj.Topology.from_openmm(target.topology))
+    if not -len(traj) <= frame < len(traj):
+        raise ValueError(f"--start-frame {frame} is outside {path}'s {len(traj)} frames")
+    traj = traj[frame]
+    if traj.n_atoms != target.n_atoms:
+        raise ValueError(f"--start {path} has {traj.n_atoms} atoms; the system has {target.n_atoms}: give a frame of this molecule")
+    return traj.xyz[0].astype(float)
 
 
 def _run_replica_exchange(args: argparse.Namespace, target, config) -> dict:
