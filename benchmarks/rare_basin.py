@@ -11,11 +11,13 @@
   (phi, psi) grid), read from ``results/umbrella_sampling.json`` or ``--umbrella``.
 - Plain MD: frames in alphaL/C7ax and the first visit in each ``--md`` file at 300 K.
 - Wall-clock counted whole: replica exchange (``--re-seconds``, as measured by its runs)
-  + training (the flow's record) + sampling, against umbrella sampling's and MD's.
+  + any MD seeded from its frames (``--seeded-md-seconds``) + training and refinement (the
+  flow's record) + sampling, against umbrella sampling's and MD's.
 
 Run: ``nice python benchmarks/rare_basin.py --flow runs/s3/ad2-re-flow.pt --re-seconds S``;
 writes ``results/rare_basin.json``, ``plots/rare_basin.png`` and the "Rare basin" section
-of RESULTS.md.
+of RESULTS.md (with ``--tag T``: ``rare_basin-T.json``, ``rare_basin-T.png`` and a section of
+its own).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def summarise(runs: list[dict]) -> dict:
             "rare_ess_per_seed": float(np.mean([r["rare_ess"] for r in runs if "rare_ess" in r] or [math.nan]))}
 
 
-def plot(results: dict) -> str:
+def plot(results: dict, name: str) -> str:
     figure, axis = axes()
     temps = [float(t) for t in results["sbg"]]
     sbg = [results["sbg"][f"{t:g}"] for t in temps]
@@ -148,7 +150,7 @@ def plot(results: dict) -> str:
     axis.set_xlabel("temperature (K)")
     axis.set_ylabel("P(alphaL/C7ax)")
     axis.legend(fontsize=8)
-    return save_plot(figure, "rare_basin.png")
+    return save_plot(figure, name)
 
 
 def _us_errors(row: dict) -> list[float]:
@@ -166,7 +168,10 @@ def _us_description(umbrella: dict) -> str:
 def report(results: dict) -> str:
     flow = results["flow"]
     seeds = " and ".join(f"{len(v['runs'])} seeds at {k} K" for k, v in results["sbg"].items())
-    what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}). SBG is importance sampling, {results['n_proposals']} proposals per seed, {seeds}, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg). Umbrella sampling: {_us_description(results['umbrella'])}."
+    refined = flow.get("refinement")
+    refinement = (f" Then refined with the energy ({refined['objective']}, data weight {refined['data_weight']:g}, {refined['minutes']:.0f} min) "
+                  f"on {refined['data']}." if refined else "")
+    what = f"Flow `{flow['path']}`: preset {flow['preset']}, trained on {flow['data']} ({flow['n_train']} training frames; {flow['train_seconds'] / 60:.0f} min, selected step {flow['selected_step']}).{refinement} SBG is importance sampling, {results['n_proposals']} proposals per seed, {seeds}, no weight clipping; errors are standard errors over seeds. Basins as in the other sections (alphaL/C7ax: 0 <= phi < 120 deg). Umbrella sampling: {_us_description(results['umbrella'])}."
     lines = header(results, what, ['T (K)', 'method', 'C7eq/beta', 'alphaR', 'alphaL/C7ax', 'dF(C7eq/beta -> alphaR) (kT)', 'dF(C7eq/beta -> alphaL/C7ax) (kT)', 'IS ESS', 'proposals in alphaL/C7ax'])
     us = {r["temperature_K"]: r for r in results["umbrella"]["temperatures"]}
     for key, s in results["sbg"].items():
@@ -196,12 +201,16 @@ def report(results: dict) -> str:
     lines += ["", f"Plain MD at 300 K: {visits} alphaL/C7ax frames in {total_ns:.0f} ns over {len(md)} runs ("
               + ", ".join(f"{r['file']}: {r['ns']:.0f} ns, first visit " + (f"{r['first_visit_ns']:.1f} ns" if r["first_visit_ns"] is not None else "none") for r in md) + ")."]
     w = results["wall_clock_s"]
+    data_seconds = w["replica_exchange"] + w.get("seeded_md", 0.0)
+    data = f"replica exchange {w['replica_exchange'] / 60:.0f} min" + (f" + seeded MD {w['seeded_md'] / 60:.0f} min" if w.get("seeded_md") else "")
+    training = f"{w['training'] / 60:.0f} min" + (f" + refinement {w['refinement'] / 60:.0f} min" if w.get("refinement") else "")
+    fitting_seconds = w["training"] + w.get("refinement", 0.0)
     s300 = results["sbg"].get("300")
     u300 = us.get(300.0)
     lines += ["", "Wall-clock to P(alphaL/C7ax) at 300 K with at most 20% relative error, counted whole, one core each:", "",
               "| method | data | training | sampling / analysis | total |", "|---|---|---|---|---|",
-              f"| SBG | replica exchange {w['replica_exchange'] / 60:.0f} min | {w['training'] / 60:.0f} min | "
-              + (f"{s300['seconds_to_20_percent']:.0f} s | {(w['replica_exchange'] + w['training'] + s300['seconds_to_20_percent']) / 60:.0f} min |" if s300 and s300["seconds_to_20_percent"] else "not reached | |")]
+              f"| SBG | {data} | {training} | "
+              + (f"{s300['seconds_to_20_percent']:.0f} s | {(data_seconds + fitting_seconds + s300['seconds_to_20_percent']) / 60:.0f} min |" if s300 and s300["seconds_to_20_percent"] else "not reached | |")]
     if u300 is not None:
         hits = [h for h in u300["seconds_to_20_percent"] if h is not None]
         lines.append(f"| umbrella sampling + MBAR | {np.mean(hits) / 60:.1f} min of windows | | MBAR not counted | {np.mean(hits) / 60:.1f} min |" if hits else "| umbrella sampling | not reached | | | |")
@@ -217,9 +226,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[3], help="seeds per temperature (one count for all, or one each)")
     parser.add_argument("--n-proposals", type=int, default=50_000)
     parser.add_argument("--re-seconds", type=float, required=True, help="wall-clock of the replica-exchange data, s")
+    parser.add_argument("--seeded-md-seconds", type=float, default=0.0,
+                        help="wall-clock (one core, summed over runs) of MD started from replica-exchange frames in the basin, s")
     parser.add_argument("--md", nargs="+", default=["runs/ad2-md30.h5", "runs/ad2-md15b.h5"])
     parser.add_argument("--md-ns-per-min", type=float, default=1.4, help="plain MD speed on this machine, one core")
     parser.add_argument("--umbrella", default="umbrella_sampling.json", help="the umbrella-sampling results (under results/) to compare with")
+    parser.add_argument("--tag", default=None, help="write results/rare_basin-TAG.json and its own RESULTS.md section")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     from openmm_sbg import shipped
@@ -242,9 +254,17 @@ def main(argv=None) -> None:
         "md_ns_per_min": args.md_ns_per_min,
         "sbg": sbg,
     }
-    results["wall_clock_s"] = {"replica_exchange": args.re_seconds, "training": record["train_seconds"]}
-    results["plot"] = plot(results)
-    publish(results, "rare_basin.json", HEADING, report(results), write=not args.no_write)
+    refinement = record.get("refinement") or {}
+    if refinement:
+        results["flow"]["refinement"] = {
+            "objective": refinement["options"]["objective"], "data_weight": refinement["options"]["data_weight"],
+            "minutes": refinement["seconds"] / 60,
+            "data": ", ".join(os.path.basename(p) for p in refinement.get("provenance", {}).get("data", [])) or "no data"}
+    results["wall_clock_s"] = {"replica_exchange": args.re_seconds, "seeded_md": args.seeded_md_seconds,
+                               "training": record["train_seconds"], "refinement": refinement.get("seconds", 0.0)}
+    name, heading = ("rare_basin", HEADING) if args.tag is None else (f"rare_basin-{args.tag}", f"{HEADING}, {args.tag}")
+    results["plot"] = plot(results, f"{name}.png")
+    publish(results, f"{name}.json", heading, report(results), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,5 @@ def test_train_refine_command_writes_a_refined_flow_and_its_record(tmp_path, cap
     assert len(summary["state_populations"]["weighted_populations"]) >= 2  # backbone basins of a peptide are tracked
     refined = TarFlow.load(out)
     assert refined.metadata["refinement"]["complete"] and refined.metadata["refinement"]["options"]["objective"] == "weighted-ml"
+    # Without the data term no data shaped the flow, so the record names none.
+    assert refined.metadata["refinement"]["provenance"] == {"started_from": "ad2", "data": []}

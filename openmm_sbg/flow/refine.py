@@ -201,6 +201,7 @@ def refine(
     states: Callable[[np.ndarray], np.ndarray] | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     progress: bool = True,
+    provenance: dict | None = None,
 ) -> TarFlow:
     """Refine a trained ``flow`` with ``target``'s energy; return the refined EMA flow.
 
@@ -220,6 +221,9 @@ def refine(
     checkpoint_path
         Written at every evaluation (resumable) and at the end (the refined flow, with its
         record in ``flow.metadata["refinement"]``).
+    provenance
+        JSON-serialisable facts kept in that record as ``"provenance"``: where the starting
+        flow and the data came from (the CLI stores their paths).
 
     Under ``torchrun`` (torch.distributed's default group initialised), every process calls
     this with the same arguments; they share each step's proposals and gradients
@@ -233,6 +237,7 @@ def refine(
     # Under torchrun (an initialised default group) the processes share every step's work.
     launched = torch.distributed.is_available() and torch.distributed.is_initialized()
     run = _Run(flow, target, options, data_positions, states, AllProcesses() if launched else OneProcess())
+    run.provenance = dict(provenance or {})
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         run.resume(checkpoint_path)
     run.loop(checkpoint_path, progress)
@@ -257,6 +262,7 @@ class _Run:
         self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.best = None  # (ess, step, weights)
         self.stopped = None
+        self.provenance: dict = {}
 
     # ------------------------------------------------------------------ losses
     def energy_loss(self) -> torch.Tensor:
@@ -359,6 +365,7 @@ class _Run:
         payload["metadata"]["refinement"] = {
             "options": self.options.to_dict(), "steps": self.step, "seconds": self.seconds, "history": self.history,
             "selected_step": self.best[1], "ess": self.best[0], "stopped": self.stopped, "complete": complete,
+            "provenance": self.provenance,
         }
         if not complete:
             payload["refine_state"] = {
