@@ -24,3 +24,14 @@ def test_demo_samples_evaluates_and_plots(tmp_path, capsys):
     assert importance["torus_w2"] < 1.0 and importance["energy_w2_kT"] < 3.0
     assert summary["runs"]["smc"]["n_steps"] == 3
     assert (out / "summary.json").is_file()
+
+
+def test_demo_refuses_a_flow_of_another_molecule(tmp_path, capsys):
+    from openmm_sbg import systems
+    from openmm_sbg.flow import FlowConfig, TarFlow
+
+    path = tmp_path / "al3.pt"
+    TarFlow(FlowConfig(width=16, n_blocks=1, layers_per_block=1, heads=1), target=systems.get("al3"), std=0.2).save(path)
+    code = main(["demo", "--flow", str(path), "--out-dir", str(tmp_path / "demo"), "--no-progress"])
+    assert code == 2 and "give a flow of the built-in ad2 system" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "summary.json").exists()
