@@ -191,10 +191,10 @@ def report(results: dict) -> str:
               + ", ".join(f"{k} K: {s['z_vs_umbrella']:+.2f}" for k, s in results["sbg"].items() if "z_vs_umbrella" in s)
               + "; relative standard error of SBG: "
               + ", ".join(f"{k} K: {s['errors'][RARE] / s['populations'][RARE]:.1%}" for k, s in results["sbg"].items()) + "."]
-    lines += ["", "The alphaL/C7ax mass rests on few proposals: the Kish effective sample size of the weights inside it is "
+    lines += ["", "How many proposals carry the alphaL/C7ax mass: the Kish effective sample size of the weights inside it is "
               + ", ".join(f"{s['rare_ess_per_seed']:.1f} per seed at {k} K" for k, s in results["sbg"].items() if math.isfinite(s.get("rare_ess_per_seed", math.nan)))
-              + f" (of {results['n_proposals']:,} proposals), so one seed's estimate is heavy-tailed and its bootstrap error "
-              "unreliable; the error above is the spread over seeds."]
+              + f" (of {results['n_proposals']:,} proposals). When it is a handful, one seed's estimate is heavy-tailed and its "
+              "bootstrap error unreliable, which is why the error above is the spread over seeds."]
     md = results["md"]
     total_ns = sum(r["ns"] for r in md)
     visits = sum(r["alphaL_frames"] for r in md)
