@@ -81,10 +81,12 @@ def test_refined_model_is_a_better_proposal_than_the_one_it_started_from(ad2):
 
 
 def test_replica_exchange_model_proposes_the_rare_basin(ad2):
-    """`ad2-re` saw the hot replicas' phi > 0 frames: it proposes alphaL/C7ax, which 300 K MD never visits.
+    """`ad2-re` saw the replicas' phi > 0 frames and 300 K MD seeded there: it proposes alphaL/C7ax,
+    which plain 300 K MD never visits.
 
-    Its weighted mass there is about 0.018 at 300 K (benchmarks/RESULTS.md, "Rare basin");
-    the `ad2` model, trained on 300 K MD only, proposes almost none.
+    About 3% of its proposals land there and their weighted mass is 0.022 at 300 K, as umbrella
+    sampling's (benchmarks/RESULTS.md, "Rare basin ..., seeded-basin"); the `ad2` model, trained
+    on 300 K MD only, proposes almost none.
     """
     from openmm_sbg import populations
 
@@ -93,7 +95,7 @@ def test_replica_exchange_model_proposes_the_rare_basin(ad2):
     for name in ("ad2", "ad2-re"):
         x, _ = TarFlow.load(name, target=ad2).sample(3000, generator=torch.Generator().manual_seed(0))
         proposed[name] = float((labeller(x.numpy()) == 2).mean())
-    assert proposed["ad2-re"] > 0.004 and proposed["ad2"] < 0.2 * proposed["ad2-re"], proposed  # about 0.010 and 0.000
+    assert proposed["ad2-re"] > 0.015 and proposed["ad2"] < 0.1 * proposed["ad2-re"], proposed  # about 0.03 and 0.000
 
 
 @pytest.mark.slow
