@@ -9,14 +9,18 @@ stage       output (in the folder)                          an interrupted stage
 ==========  ==============================================  ======================================
 data        ``data.h5`` (MD, or the lowest replica of        ``data.h5.work/``
             replica exchange) + ``data-all-replicas.h5``
+seed        replica exchange: ``seeded-<state>.h5``, MD      ``seeded-<state>.h5.work/``
+            from a frame of each rare backbone state
 train       ``flow.pt`` (marked complete)                    ``flow.pt`` (written every epoch)
 sample      ``samples-<T>K.h5`` per temperature              ``samples-<T>K.h5.ckpt``
 evaluate    ``summary.json``, ``plots/``                     (redone: seconds)
 ==========  ==============================================  ======================================
 
 The flow trains on every replica's frames when the data come from replica exchange, so it
-proposes the basins only the hot replicas reach; the importance weights of the sampler give
-each temperature's exact populations. The first temperature sampled is the target's; the
+proposes the basins only the hot replicas reach, and on MD at the target temperature seeded
+in each backbone state rare there (:mod:`openmm_sbg.seeding`), so that it proposes such a
+state with its shape at that temperature; the importance weights of the sampler give each
+temperature's exact populations. The first temperature sampled is the target's; the
 evaluation compares it with the held-out (test) split of ``data.h5``.
 """
 
@@ -54,6 +58,11 @@ class PipelineConfig:
     """Replica exchange: the ladder's highest temperature."""
     n_replicas: int = 8
     """Replica exchange: temperatures in the ladder."""
+    seeded_ns: float = 2.0
+    """Replica exchange: ns of MD at the target temperature from a frame of each backbone state
+    at most ``seed_below`` of the frames at it (:func:`openmm_sbg.seeding.rare_state_seeds`); 0 for none."""
+    seed_below: float = 0.05
+    """Replica exchange: a state with at most this fraction of the target-temperature frames is seeded."""
     preset: str = "ad2-small"
     """Flow architecture (:func:`openmm_sbg.flow.preset_names`)."""
     training: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=3000, batch_size=256, lr=1e-3))
@@ -74,6 +83,8 @@ class PipelineConfig:
             raise ValueError(f"data must be one of {DATA_SOURCES}, got {self.data!r}")
         if self.ns <= 0 or self.frame_interval_ps <= 0:
             raise ValueError("ns and frame_interval_ps must be positive")
+        if self.seeded_ns < 0 or not 0 <= self.seed_below <= 1:
+            raise ValueError("seeded_ns must be >= 0 and seed_below a fraction in [0, 1]")
         object.__setattr__(self, "sample_temperatures_K", tuple(float(t) for t in self.sample_temperatures_K))
 
     def to_dict(self) -> dict:
@@ -100,7 +111,11 @@ def run_pipeline(
     _check_settings(folder, target, config)
     stages = {}
     stages["data"] = _stage(folder, "data", lambda: _make_data(target, folder, config, platform, progress))
-    stages["train"] = _stage(folder, "train", lambda: _train(target, folder, config, device, progress))
+    files = [os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")]
+    if config.data == "replica-exchange" and config.seeded_ns > 0:
+        stages["seed"] = _stage(folder, "seed", lambda: _seed(target, folder, config, platform, progress))
+        files += [run["out"] for run in stages["seed"]["result"]["runs"]]
+    stages["train"] = _stage(folder, "train", lambda: _train(target, folder, files, config, device, progress))
     flow_path = os.path.join(folder, "flow.pt")
     samples = {}
     for kelvin in _temperatures(target, config):
@@ -117,6 +132,7 @@ def run_pipeline(
         "wall_clock_s": {name: stage["seconds"] for name, stage in stages.items()},
         "ran_now": [name for name, stage in stages.items() if stage["ran_now"]],
         "data": stages["data"]["result"],
+        "seeded": stages["seed"]["result"] if "seed" in stages else None,
         "training": stages["train"]["result"],
         "temperatures": evaluation,
     }
@@ -160,11 +176,17 @@ def _temperatures(target: BoltzmannTarget, config: PipelineConfig) -> list[float
     return [first, *[t for t in config.sample_temperatures_K if t != first]]
 
 
-def _make_data(target, folder, config: PipelineConfig, platform, progress) -> dict:
-    from openmm_sbg.md import MDConfig, run_md
+def _md_config(config: PipelineConfig, ns: float, seed: int):
+    from openmm_sbg.md import MDConfig
 
-    steps_per_frame = round(config.frame_interval_ps * 1000)
-    md = MDConfig(n_frames=max(1, round(config.ns * 1000 / config.frame_interval_ps)), steps_per_frame=steps_per_frame, seed=config.seed)
+    return MDConfig(n_frames=max(1, round(ns * 1000 / config.frame_interval_ps)), steps_per_frame=round(config.frame_interval_ps * 1000),
+                    seed=seed)
+
+
+def _make_data(target, folder, config: PipelineConfig, platform, progress) -> dict:
+    from openmm_sbg.md import run_md
+
+    md = _md_config(config, config.ns, config.seed)
     out = os.path.join(folder, "data.h5")
     if config.data == "md":
         return run_md(target, out, md, platform=platform, progress=progress)
@@ -181,11 +203,39 @@ def _make_data(target, folder, config: PipelineConfig, platform, progress) -> di
     )
 
 
-def _train(target, folder, config: PipelineConfig, device, progress) -> dict:
+def _seed(target, folder, config: PipelineConfig, platform, progress) -> dict:
+    """MD at the target temperature from a replica-exchange frame of each backbone state rare there."""
+    import copy
+
+    from openmm_sbg import populations
+    from openmm_sbg.data import load_positions, read_metadata
+    from openmm_sbg.md import run_md
+    from openmm_sbg.seeding import rare_state_seeds
+
+    try:
+        labeller = populations.backbone_state_labeller(target.topology)
+    except ValueError as err:
+        return {"runs": [], "skipped": str(err)}
+    path = os.path.join(folder, "data-all-replicas.h5")
+    positions = load_positions(path, target)
+    seeds = rare_state_seeds(labeller(positions), read_metadata(path)["frame_temperature_K"], _kelvin(target),
+                             len(populations.BACKBONE_STATES), config.seed_below)
+    runs = []
+    for seed in seeds:
+        out = os.path.join(folder, f"seeded-{seed['state']}.h5")
+        start = copy.copy(target)  # the same System, started from the chosen frame
+        start.positions = positions[seed["frame"]].astype(float)
+        md = _md_config(config, config.seeded_ns, config.seed + 1 + seed["state"])
+        # A finished run of an interrupted stage is kept: run_md would redo it.
+        result = {"out": out, "status": "complete"} if os.path.exists(out) else run_md(start, out, md, platform=platform, progress=progress)
+        runs.append({**seed, "state_name": populations.BACKBONE_STATES[seed["state"]], **result})
+    return {"runs": runs, "below": config.seed_below}
+
+
+def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> dict:
     from openmm_sbg.data import training_frames
     from openmm_sbg.flow import TarFlow, train
 
-    files = [os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")]
     path = os.path.join(folder, "flow.pt")
     flow = TarFlow.load(path) if os.path.exists(path) else None
     if flow is None or not flow.metadata.get("complete"):  # a finished fit is kept, an unfinished one resumed

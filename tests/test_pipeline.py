@@ -75,10 +75,14 @@ def test_bad_data_source_is_refused():
 def test_run_command_with_replica_exchange(tmp_path, capsys):
     argv = ["run", "ad2", "--folder", str(tmp_path), "--data", "replica-exchange", "--n-replicas", "2", "--t-max", "330",
             "--ns", "0.004", "--frame-interval-ps", "0.02", "--train-steps", "3", "--batch-size", "16",
-            "--n-particles", "32", "--n-steps", "2", "--platform", "Reference", "--no-progress"]
+            "--n-particles", "32", "--n-steps", "2", "--platform", "Reference", "--no-progress",
+            "--seeded-ns", "0.002", "--seed-below", "1.0"]  # every visited state counts as rare: each is seeded
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["data"]["exchange_acceptance"] and summary["training"]["n_train"] == 320  # both replicas' frames
+    seeded = summary["seeded"]["runs"]
+    assert seeded and all(run["status"] == "complete" for run in seeded)
+    # Both replicas' frames (2 x 200, 80% train) and 80 training frames of each seeded run.
+    assert summary["data"]["exchange_acceptance"] and summary["training"]["n_train"] == 320 + 80 * len(seeded)
     assert summary["temperatures"]["300"]["states"]["samples_bootstrap_error"] is None  # SMC: errors need seeds
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["ran_now"] == ["evaluate"]

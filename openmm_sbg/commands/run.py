@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-interval-ps", type=float, default=defaults.frame_interval_ps)
     parser.add_argument("--t-max", type=float, default=defaults.t_max_K, help="replica exchange: highest temperature, K")
     parser.add_argument("--n-replicas", type=int, default=defaults.n_replicas, help="replica exchange: temperatures in the ladder")
+    parser.add_argument("--seeded-ns", type=float, default=defaults.seeded_ns,
+                        help="replica exchange: ns of MD at the target temperature from a frame of each backbone state rare "
+                             f"there, so the flow learns its shape at that temperature; 0 for none (default {defaults.seeded_ns:g})")
+    parser.add_argument("--seed-below", type=float, default=defaults.seed_below,
+                        help=f"replica exchange: a state with at most this fraction of the target temperature's frames is seeded; "
+                             f"1 seeds every visited state (default {defaults.seed_below:g})")
     parser.add_argument("--preset", choices=preset_names(), default=defaults.preset, help="flow architecture")
     parser.add_argument("--train-steps", type=int, default=defaults.training.steps, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=defaults.training.batch_size)
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
     defaults = PipelineConfig()
     config = PipelineConfig(
         data=args.data, ns=args.ns, frame_interval_ps=args.frame_interval_ps, t_max_K=args.t_max,
-        n_replicas=args.n_replicas, preset=args.preset,
+        n_replicas=args.n_replicas, seeded_ns=args.seeded_ns, seed_below=args.seed_below, preset=args.preset,
         training=dataclasses.replace(defaults.training, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr),
         n_particles=args.n_particles, n_steps=args.n_steps, kernel=args.kernel,
         sample_temperatures_K=tuple(args.sample_temperatures), seed=args.seed,

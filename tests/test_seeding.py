@@ -1,0 +1,60 @@
+"""Seeded MD: which replica-exchange frames start it, and the pipeline stage that runs it."""
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_sbg import pipeline, populations
+from openmm_sbg.data import load_positions
+from openmm_sbg.flow import TarFlow
+from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+from openmm_sbg.seeding import rare_state_seeds
+
+
+def test_rare_states_are_seeded_from_the_coldest_replica_that_visits_them():
+    temperatures = np.array([300.0] * 6 + [350.0] * 4 + [400.0] * 4)
+    labels = np.array([0, 0, 0, 1, 1, 0] + [0, 2, 2, 2] + [2, 3, 2, 0])
+    seeds = rare_state_seeds(labels, temperatures, 300.0, n_states=5, below=0.2)
+    # State 0 (4/6) and 1 (2/6) are common at 300 K; 4 is never visited; 2 and 3 are rare there.
+    assert [s["state"] for s in seeds] == [2, 3]
+    assert seeds[0]["from_K"] == 350.0 and seeds[0]["frame"] == 8  # middle of frames 7, 8, 9
+    assert seeds[1]["from_K"] == 400.0 and seeds[1]["frame"] == 11
+    assert seeds[0]["fraction_at_target"] == 0.0
+    # A threshold above a common state's fraction seeds it too, from the target temperature itself.
+    assert [s["state"] for s in rare_state_seeds(labels, temperatures, 300.0, 5, below=0.5)] == [1, 2, 3]
+    assert rare_state_seeds(labels, temperatures, 300.0, 5, below=0.5)[0]["from_K"] == 300.0
+    # 0: only states the target temperature never visits; 1: every visited state.
+    assert [s["state"] for s in rare_state_seeds(labels, temperatures, 300.0, 5, below=0.0)] == [2, 3]
+    assert [s["state"] for s in rare_state_seeds(labels, temperatures, 300.0, 5, below=1.0)] == [0, 1, 2, 3]
+
+
+def test_rare_state_seeds_need_frames_at_the_target_temperature():
+    with pytest.raises(ValueError, match="no frame is at the target temperature 300 K"):
+        rare_state_seeds([0, 1], [310.0, 350.0], 300.0, 2, 0.1)
+    with pytest.raises(ValueError, match="labels"):
+        rare_state_seeds([0, 1, 1], [300.0, 350.0], 300.0, 2, 0.1)
+
+
+def test_the_seed_stage_runs_target_temperature_md_inside_a_rare_state(ad2, tmp_path):
+    # Replica-exchange-like data: 300 K frames in C7eq/beta and alphaR only, alphaL/C7ax at 330 K.
+    labeller = populations.backbone_state_labeller(ad2.topology)
+    x = TarFlow.load("ad2-re", target=ad2).sample(3000, generator=torch.Generator().manual_seed(0))[0].double().numpy()
+    labels = labeller(x)
+    # Low-energy proposals: minimisation from them stays in their basin.
+    energies = ad2.energy(x).numpy()
+    pick = [np.flatnonzero(labels == k)[np.argsort(energies[labels == k])[:4]] for k in range(3)]
+    frames = np.concatenate([pick[0], pick[1], pick[0][:2], pick[2]])
+    temperatures = [300.0] * 8 + [330.0] * 6
+    write_trajectory(str(tmp_path / "data-all-replicas.h5"), ad2, x[frames].astype(np.float32), energies[frames],
+                     split_labels(len(frames)), MDConfig(n_frames=len(frames)), frame_temperature_K=temperatures)
+    config = pipeline.PipelineConfig(data="replica-exchange", seeded_ns=0.002, frame_interval_ps=0.05)
+    result = pipeline._seed(ad2, str(tmp_path), config, "Reference", progress=False)
+    assert [run["state_name"] for run in result["runs"]] == ["alphaL/C7ax"]
+    run = result["runs"][0]
+    assert run["from_K"] == 330.0 and run["fraction_at_target"] == 0.0 and run["status"] == "complete"
+    seeded = load_positions(run["out"], ad2)
+    assert len(seeded) == 40
+    # 10 ps after minimising the chosen frame, the run is still in the state it was seeded in.
+    assert (labeller(seeded[:5]) == 2).all()
+    # Rerunning the stage keeps the finished run.
+    assert pipeline._seed(ad2, str(tmp_path), config, "Reference", progress=False)["runs"][0]["out"] == run["out"]
