@@ -39,6 +39,23 @@ PROTOCOLS = {"paper": {"com_adjustment": "chi3", "clip_fraction": 0.002, **_WEIG
              "exact": {"com_adjustment": "gaussian", "clip_fraction": 0.0, **_WEIGHTED}}
 
 
+def reference_set(paths: list[str], target, split: str | None):
+    """Backbone dihedrals ``[T, d]``, energies in kT ``[T]`` and the backbone-state labeller of the reference frames."""
+    from openmm_sbg import data, metrics, populations
+    from openmm_sbg.md import SPLIT_CODES
+
+    angles, energies = [], []
+    for path in paths:
+        traj = data.load_trajectory(path, target=target, split=split)
+        meta = data.read_metadata(path)
+        keep = np.ones(len(meta["energies_kT"]), bool) if split is None else meta["split"] == SPLIT_CODES[split]
+        angles.append(metrics.backbone_dihedrals(traj))
+        energies.append(np.asarray(meta["energies_kT"])[keep])
+    labeller = populations.backbone_state_labeller(target.topology)
+    return np.concatenate(angles), np.concatenate(energies), labeller, np.concatenate(
+        [labeller(data.load_trajectory(p, target=target, split=split).xyz) for p in paths])
+
+
 def evaluate(path: str, target, reference, args) -> dict:
     from openmm_sbg import SMCSampler, TarFlow, metrics
 
@@ -52,11 +69,12 @@ def evaluate(path: str, target, reference, args) -> dict:
                 result = SMCSampler(target, flow, n_particles=args.n_proposals, n_steps=0, progress=False, **protocol).run(seed=seed)
             entry[f"ess_{name}"] = result.ess
             entry[f"seconds_{name}"] = timer.seconds
-        angles = metrics.backbone_dihedrals(result.to_mdtraj())
+        traj = result.to_mdtraj()
+        angles = metrics.backbone_dihedrals(traj)
         entry["log_z"] = result.log_z
         entry["energy_w2"] = metrics.energy_w2(result.energies, reference[1], result.weights)
         entry["torus_w2"] = metrics.torus_w2(angles, reference[0], result.weights, max_samples=2000, draws=TW2_DRAWS)
-        entry["populations"] = common.populations(common.basin_labels(angles), result.weights).tolist()
+        entry["populations"] = common.populations(reference[2](traj.xyz), result.weights).tolist()
         row["runs"].append(entry)
         print(f"{path} seed {seed}: {entry}", flush=True)
     return row
@@ -84,7 +102,7 @@ def mean_sd(runs: list[dict], key: str, digits: int = 3) -> str:
 
 def report(results: dict) -> str:
     floor = results["noise_floor"]
-    what = (f"Target `ad2` at 300 K; reference: the shipped `ad2-ref.h5` (10 ns, independent of all training data). "
+    what = (f"Target `{results.get('system', 'ad2')}` at 300 K; reference: {results.get('reference', 'the shipped `ad2-ref.h5`')}. "
             f"Mean ± sd over {results['seeds']} seeds of {results['n_proposals']:,} proposals. ESS (paper): chi3 CoM "
             "adjustment, top 0.2% of log-weights clipped; ESS (exact): Gaussian CoM adjustment, no clipping, which the "
             "metrics and populations use, on the weights themselves (no resampling). T-W2: the mean over "
@@ -113,19 +131,30 @@ def main(argv=None) -> None:
     parser.add_argument("--flows", nargs="+", default=["ad2"], help="the starting flow first, then refined checkpoints")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n-proposals", type=int, default=10_000)
+    parser.add_argument("--system", default="ad2", help="built-in system the flows model (default ad2)")
+    parser.add_argument("--reference", nargs="+", default=None,
+                        help="reference MD files (default: the shipped reference of --system; ad2 has one)")
+    parser.add_argument("--reference-split", default=None, choices=["train", "val", "test"],
+                        help="use only this split of the reference files (e.g. test: the held-out block of the training runs)")
     parser.add_argument("--tag", default=None, help="write results/refinement-TAG.json and its own RESULTS.md section")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     from openmm_sbg import metrics, shipped, systems
 
-    target = systems.get("ad2")
-    reference = common.dihedrals_and_energies(shipped.reference_path("ad2"))
+    target = systems.get(args.system)
+    reference = reference_set(args.reference or [shipped.reference_path(args.system)], target, args.reference_split)
     half = len(reference[1]) // 2
+    if args.reference is None:
+        described = f"the shipped `{os.path.basename(shipped.reference_path(args.system))}` (independent of all training data)"
+    else:
+        described = ", ".join(f"`{os.path.basename(p)}`" for p in args.reference) + (
+            f", {args.reference_split} split only (the held-out block of each run)" if args.reference_split else "")
     results = {
+        "system": args.system, "reference": described,
         "machine": common.machine(), "command": common.command_line("refinement.py", argv), "seeds": args.seeds, "n_proposals": args.n_proposals,
         "noise_floor": {"energy_w2": metrics.energy_w2(reference[1][:half], reference[1][half:]),
                         "torus_w2": metrics.torus_w2(reference[0][:half], reference[0][half:], max_samples=2000, draws=TW2_DRAWS),
-                        "populations": common.populations(common.basin_labels(reference[0])).tolist()},
+                        "populations": common.populations(reference[3]).tolist()},
         "flows": [evaluate(shipped.flow_path(path), target, reference, args) for path in args.flows],
     }
     name, heading = ("refinement", HEADING) if args.tag is None else (f"refinement-{args.tag}", f"{HEADING}, {args.tag}")
