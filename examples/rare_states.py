@@ -4,12 +4,14 @@
     python examples/rare_states.py --workflow work/      # the whole workflow for your own run (about an hour on 2 cores)
 
 Plain 300 K MD of this molecule (55 ns in benchmarks/RESULTS.md) never crosses to phi > 0.
-A flow trained on replica-exchange frames proposes that basin, and importance weights give
-its exact Boltzmann mass at any temperature. The basin's mass rests on a few heavy weights
-(its effective sample size is printed), so one run's bootstrap error understates the
-spread: the error bar comes from independent seeds. ``--workflow`` runs
-the data -> train -> sample -> evaluate pipeline (``openmm-sbg run``) from scratch in a
-folder; rerun the same command after an interruption and it continues.
+A flow trained on replica-exchange frames, and on 300 K MD started inside that basin,
+proposes it, and importance weights give its exact Boltzmann mass at any temperature (the
+shipped `ad2-re`: 0.0223 ± 0.0014 at 300 K over 10 seeds; umbrella sampling: 0.0224 ± 0.0006).
+The basin's mass rests on a few dozen proposals per run (its effective sample size is
+printed), so the error bar comes from independent seeds, not one run's bootstrap.
+``--workflow`` runs the data -> train -> sample -> evaluate pipeline (``openmm-sbg run``,
+replica exchange with MD seeded in the rare basins) from scratch in a folder; rerun the
+same command after an interruption and it continues.
 """
 
 import argparse
