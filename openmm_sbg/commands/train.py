@@ -183,7 +183,8 @@ def _refine(args: argparse.Namespace) -> dict:
         states = populations.backbone_state_labeller(target.topology)
     except ValueError:
         states = None  # not a peptide: the ESS guard only
-    provenance = {"started_from": os.fspath(args.refine), "data": [os.fspath(path) for path in args.data] if data_positions is not None else []}
+    used_data = [os.fspath(path) for path in args.data] if data_positions is not None else []
+    provenance = {"started_from": os.fspath(args.refine), "data": used_data}
     refined = refine(flow, target, options, data_positions=data_positions, states=states, checkpoint_path=args.out,
                      progress=not args.no_progress, provenance=provenance)
     record = refined.metadata["refinement"]
