@@ -40,20 +40,20 @@ PROTOCOLS = {"paper": {"com_adjustment": "chi3", "clip_fraction": 0.002, **_WEIG
 
 
 def reference_set(paths: list[str], target, split: str | None):
-    """Backbone dihedrals ``[T, d]``, energies in kT ``[T]`` and the backbone-state labeller of the reference frames."""
+    """Backbone dihedrals ``[T, d]``, energies in kT ``[T]``, the backbone-state labeller and the labels of the reference frames."""
     from openmm_sbg import data, metrics, populations
     from openmm_sbg.md import SPLIT_CODES
 
-    angles, energies = [], []
+    labeller = populations.backbone_state_labeller(target.topology)
+    angles, energies, labels = [], [], []
     for path in paths:
         traj = data.load_trajectory(path, target=target, split=split)
         meta = data.read_metadata(path)
         keep = np.ones(len(meta["energies_kT"]), bool) if split is None else meta["split"] == SPLIT_CODES[split]
         angles.append(metrics.backbone_dihedrals(traj))
         energies.append(np.asarray(meta["energies_kT"])[keep])
-    labeller = populations.backbone_state_labeller(target.topology)
-    return np.concatenate(angles), np.concatenate(energies), labeller, np.concatenate(
-        [labeller(data.load_trajectory(p, target=target, split=split).xyz) for p in paths])
+        labels.append(labeller(traj.xyz))
+    return np.concatenate(angles), np.concatenate(energies), labeller, np.concatenate(labels)
 
 
 def evaluate(path: str, target, reference, args) -> dict:
