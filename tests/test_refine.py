@@ -53,16 +53,20 @@ def torsion_of(target):
     return labels
 
 
-def uniform_torsion_flow(target, seed=0) -> TarFlow:
-    """A flow fitted to frames with the right bonds and angles but a uniform torsion: equal basins."""
+def uniform_torsion_flow(target, seed=0, spread=1.0) -> TarFlow:
+    """A flow fitted to frames with the right bonds and angles but a uniform torsion: equal basins.
+
+    ``spread`` widens the bonds and angles beyond their thermal width: a poor start.
+    """
     zmatrix = ZMatrix.from_topology(target.topology)
     generator = torch.Generator().manual_seed(seed)
     n = 4000
     q = torch.empty(n, 2, 3, dtype=torch.float64)
-    q[:, :, 0] = 0.15 + 0.004 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    q[:, 0, 2] = 1.9 + 0.09 * torch.randn(n, generator=generator, dtype=torch.float64)
-    q[:, 1, 1] = 1.9 + 0.09 * torch.randn(n, generator=generator, dtype=torch.float64)
-    q[:, 0, 1] = 0.15 + 0.004 * torch.randn(n, generator=generator, dtype=torch.float64)
+    bond, angle = 0.004 * spread, 0.09 * spread
+    q[:, :, 0] = 0.15 + bond * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    q[:, 0, 2] = 1.9 + angle * torch.randn(n, generator=generator, dtype=torch.float64)
+    q[:, 1, 1] = 1.9 + angle * torch.randn(n, generator=generator, dtype=torch.float64)
+    q[:, 0, 1] = 0.15 + bond * torch.randn(n, generator=generator, dtype=torch.float64)
     q[:, 1, 2] = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
     frames = zmatrix.to_cartesian(q, torch.zeros(n, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).expand(n, 3, 3))
     torch.manual_seed(seed)
@@ -100,12 +104,44 @@ def test_refinement_raises_ess_and_keeps_every_basin_mass(objective):
     assert record["complete"] and record["history"][0]["step"] == 0 and record["stopped"] is None
 
 
+def test_tempered_refinement_climbs_from_a_poor_start_and_keeps_every_basin_mass():
+    target, exact = butane_like()
+    labeller = torsion_of(target)
+    flow = uniform_torsion_flow(target, spread=3.0)  # bonds and angles 3x too wide: ESS below 1%
+    _, _, _, ess_before = weighted_populations(flow, target, labeller)
+    assert ess_before < 0.01
+    options = RefineOptions(steps=120, batch_size=128, lr=3e-3, data_weight=0.0, eval_every=40, temper_ess=0.3,
+                            eval_proposals=2000, proposals_per_refresh=1024, refresh_every=5, ema_decay=0.9)
+    refined = refine(flow, target, options, states=labeller, progress=False)
+    history = refined.metadata["refinement"]["history"]
+    # The first refreshes were tempered (the flow fitted q^(1-beta) p^beta), the last ones no longer needed it.
+    assert history[1]["temper"] < 0.9 and history[-1]["temper"] == 1.0, history
+    estimate, error, proposed, ess_after = weighted_populations(refined, target, labeller)
+    assert ess_after > 0.3, (ess_before, ess_after)
+    assert np.all(np.abs(estimate - exact) < 4 * error + 1e-3), (estimate, error, exact)
+    assert proposed.min() > 0.5 * exact.min()
+
+
+def test_tempering_exponent_keeps_the_requested_ess():
+    log_w = 3.0 * torch.randn(5000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    log_w[:100] = -math.inf  # clashes
+    ess = lambda beta: float(1 / torch.softmax(refine_module.tempered(log_w, beta), 0).square().sum()) / len(log_w)
+    assert ess(1.0) < 0.05
+    beta = refine_module.tempering_exponent(log_w, 0.3)
+    assert 0 < beta < 1 and abs(ess(beta) - 0.3) < 1e-6 and ess(beta + 1e-3) < 0.3
+    assert refine_module.tempering_exponent(log_w, 0.0) == 1.0
+    assert refine_module.tempering_exponent(0.1 * log_w[100:], 0.3) == 1.0  # weights that keep the ESS stay as they are
+    # No beta keeps more than the finite share (98%) of the proposals: beta 0 weighs the finite ones equally.
+    assert refine_module.tempering_exponent(log_w, 0.99) == 0.0 and abs(ess(0.0) - 0.98) < 1e-12
+
+
 def test_refinement_resumes_exactly(tmp_path, monkeypatch):
     target, _ = butane_like()
     flow = uniform_torsion_flow(target)
     frames = flow.sample(500, generator=torch.Generator().manual_seed(1))[0].double().numpy()
+    # Tempered: the buffer's exponents travel in the checkpoint too.
     options = RefineOptions(steps=12, batch_size=64, lr=1e-3, data_weight=0.5, eval_every=4, eval_proposals=256,
-                            proposals_per_refresh=256, refresh_every=3, buffer_refreshes=2)
+                            proposals_per_refresh=256, refresh_every=3, buffer_refreshes=2, temper_ess=0.9)
     whole = refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "whole.pt", progress=False)
 
     evaluate = refine_module._Run.evaluate
@@ -133,15 +169,15 @@ def test_the_replay_buffer_starts_full_and_refreshes_replace_its_oldest_set():
     options = RefineOptions(steps=4, batch_size=16, data_weight=0.0, proposals_per_refresh=32, refresh_every=2, buffer_refreshes=3)
     run = refine_module._Run(uniform_torsion_flow(target), target, options, None, None, refine_module.OneProcess())
     run.energy_loss()
-    first = [x for x, _ in run.buffer]
+    first = [x for x, _, _ in run.buffer]
     assert len(first) == 3 and all(len(x) == 32 for x in first)
     assert not torch.equal(first[0], first[1])  # three independent sets, not one repeated
     run.step = 1
     run.energy_loss()
-    assert [x is f for (x, _), f in zip(run.buffer, first)] == [True, True, True]  # no refresh between
+    assert [x is f for (x, _, _), f in zip(run.buffer, first)] == [True, True, True]  # no refresh between
     run.step = 2
     run.energy_loss()
-    kept = [x for x, _ in run.buffer]
+    kept = [x for x, _, _ in run.buffer]
     assert len(kept) == 3 and kept[0] is first[1] and kept[1] is first[2] and all(kept[2] is not f for f in first)
 
 
@@ -159,7 +195,8 @@ def test_population_guard_stops_a_run_that_drops_a_basin():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"objective": "forward"}, "objective"), ({"data_weight": 2.0}, r"\[0, 1\]"), ({"steps": 0}, "positive")],
+    [({"objective": "forward"}, "objective"), ({"data_weight": 2.0}, r"\[0, 1\]"), ({"steps": 0}, "positive"),
+     ({"temper_ess": 1.0}, r"\[0, 1\)")],
 )
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

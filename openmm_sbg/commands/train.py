@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reverse-kl: KL(q||p) through the flow's inverse (mode-seeking)")
     refine.add_argument("--data-weight", type=float, default=refine_defaults.data_weight,
                         help=f"weight of the data's NLL in the loss (default {refine_defaults.data_weight})")
+    refine.add_argument("--temper-ess", type=float, default=refine_defaults.temper_ess,
+                        help="weighted-ml: temper each refresh's weights (p/q)^beta to keep this ESS fraction, for a "
+                        "flow whose ESS is a few percent (default 0: untempered)")
     refine.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the refinement")
     refine.add_argument("--eval-every", type=int, default=refine_defaults.eval_every,
                         help="steps between ESS / population checks (and checkpoints)")
@@ -168,6 +171,7 @@ def _refine(args: argparse.Namespace) -> dict:
     options = RefineOptions(
         objective=args.objective,
         data_weight=args.data_weight,
+        temper_ess=args.temper_ess,
         steps=_given(args.steps, RefineOptions.steps),
         batch_size=_given(args.batch_size, RefineOptions.batch_size),
         lr=_given(args.lr, RefineOptions.lr),

@@ -11,7 +11,11 @@ trained flow and fits it to the Boltzmann distribution itself. Two objectives
     the last ``buffer_refreshes`` of these sets with their weights ``p / q_old``; each step
     fits the flow to a batch resampled from the buffer by weight (the buffer starts full). This is the forward
     KL(p || q): mass-covering, so it moves mass between the basins the flow proposes instead
-    of collapsing onto one, and it needs no force.
+    of collapsing onto one, and it needs no force. With ``temper_ess`` each set's weights
+    are tempered, ``(p / q_old)^beta`` with the largest ``beta <= 1`` that keeps that ESS
+    fraction, as adaptive tempering in SMC: the flow then fits ``q_old^(1 - beta) p^beta``,
+    one step of an annealing from itself to the target. A poor start (ESS of a few percent)
+    otherwise resamples its batches from a few dozen heavy proposals and collapses onto them.
 ``"reverse-kl"``: KL(q || p) through the differentiable inverse, with the target's forces;
     mode-seeking, which is why the data term matters more here.
 
@@ -73,6 +77,9 @@ class RefineOptions:
     """``weighted-ml``: steps between refreshes."""
     buffer_refreshes: int = 10
     """``weighted-ml``: refreshes the buffer keeps (20k proposals with the defaults)."""
+    temper_ess: float = 0.0
+    """``weighted-ml``: temper each refresh's weights to keep at least this ESS fraction (see the
+    module docstring); 0 uses the weights as they are."""
     eval_every: int = 50
     """Steps between guard evaluations (and checkpoints)."""
     eval_proposals: int = 4096
@@ -92,6 +99,8 @@ class RefineOptions:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0 <= self.data_weight <= 1:
             raise ValueError(f"data_weight must lie in [0, 1], got {self.data_weight}")
+        if not 0 <= self.temper_ess < 1:
+            raise ValueError(f"temper_ess must lie in [0, 1), got {self.temper_ess}")
         if min(self.steps, self.batch_size, self.proposals_per_refresh, self.refresh_every, self.buffer_refreshes,
                self.eval_every, self.eval_proposals) < 1:
             raise ValueError("steps, batch sizes, refresh and evaluation intervals must be positive")
@@ -123,6 +132,31 @@ def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator
         xs.append(x)
         log_ws.append(torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf)))
     return processes.gather(torch.cat(xs)), processes.gather(torch.cat(log_ws))
+
+
+def tempered(log_w: torch.Tensor, beta: float) -> torch.Tensor:
+    """``beta * log_w``, with ``-inf`` kept (not ``nan``) at ``beta = 0``."""
+    return torch.where(torch.isfinite(log_w), beta * log_w, torch.full_like(log_w, -math.inf))
+
+
+def tempering_exponent(log_w: torch.Tensor, ess_fraction: float, iterations: int = 40) -> float:
+    """The largest ``beta`` in [0, 1] whose weights ``softmax(beta * log_w)`` keep an ESS of ``ess_fraction``.
+
+    Bisection, since the ESS falls as ``beta`` grows; 1 when the weights themselves keep it.
+    Configurations with ``-inf`` log-weights (clashes) keep weight 0 at every ``beta > 0``.
+    """
+
+    def ess(beta: float) -> float:
+        weights = torch.softmax(tempered(log_w.double(), beta), 0)
+        return float(1 / weights.square().sum()) / len(log_w)
+
+    if ess_fraction <= 0 or ess(1.0) >= ess_fraction:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if ess(middle) >= ess_fraction else (low, middle)
+    return low
 
 
 class OneProcess:
@@ -259,7 +293,8 @@ class _Run:
         self.key = {"options": options.to_dict(), "start_sha1": _fingerprint(*[p.detach().cpu().numpy() for p in flow.parameters()]),
                     "data_sha1": None if data_positions is None else _fingerprint(np.asarray(data_positions))}
         self.step, self.seconds, self.history = 0, 0.0, []
-        self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (positions, tempered log-weights, tempering exponent) of each refresh, oldest first.
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self.best = None  # (ess, step, weights)
         self.stopped = None
         self.provenance: dict = {}
@@ -276,9 +311,9 @@ class _Run:
             elif self.step % o.refresh_every == 0:
                 self.buffer = [*self.buffer, self.proposals(_generator(o.seed, _REFRESH, self.step))][-o.buffer_refreshes :]
             # Each refresh's self-normalised weights estimate p; the buffer averages them.
-            probs = torch.cat([torch.softmax(log_w, 0) for _, log_w in self.buffer]) / len(self.buffer)
+            probs = torch.cat([torch.softmax(log_w, 0) for _, log_w, _ in self.buffer]) / len(self.buffer)
             pick = torch.multinomial(probs, o.batch_size, replacement=True, generator=_generator(o.seed, _BUFFER_BATCH, self.step))
-            x = torch.cat([x for x, _ in self.buffer])[pick]
+            x = torch.cat([x for x, _, _ in self.buffer])[pick]
             y = self.model.representation.training_features(x.double()).float()
             y = self.model.representation.augment(y, _generator(o.seed, _BUFFER_AUGMENT, self.step))
             return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
@@ -288,9 +323,10 @@ class _Run:
         finite = torch.isfinite(log_p)  # a clash: no gradient from that sample
         return (log_q - log_p)[finite].sum() / (o.batch_size * self.model.dim)
 
-    def proposals(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def proposals(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
         x, log_w = importance_weights(self.ema, self.target, self.options.proposals_per_refresh, generator, processes=self.processes)
-        return x.float(), log_w
+        beta = tempering_exponent(log_w, self.options.temper_ess)
+        return x.float(), tempered(log_w, beta), beta
 
     def data_loss(self) -> torch.Tensor:
         o, rows = self.options, self.processes.rows(self.options.batch_size)
@@ -304,6 +340,8 @@ class _Run:
         x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, _generator(o.seed, _EVALUATE, 0), processes=self.processes)
         weights = torch.softmax(log_w, 0).numpy()
         entry = {"step": self.step, "seconds": self.seconds, "ess": float(1 / np.sum(weights**2) / len(weights))}
+        if self.buffer:
+            entry["temper"] = self.buffer[-1][2]
         if self.states is not None:
             labels = np.asarray(self.states(x.numpy()))
             n_states = int(labels.max()) + 1 if len(labels) else 0
@@ -371,7 +409,7 @@ class _Run:
             payload["refine_state"] = {
                 **self.key, "step": self.step, "seconds": self.seconds, "history": self.history,
                 "model": _cpu_copy(self.model), "optimizer": self.optimizer.state_dict(), "best": self.best,
-                "buffer": [(x.clone(), log_w.clone()) for x, log_w in self.buffer],
+                "buffer": [(x.clone(), log_w.clone(), beta) for x, log_w, beta in self.buffer],
             }
         return payload
 
