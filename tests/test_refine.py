@@ -196,7 +196,7 @@ def test_population_guard_stops_a_run_that_drops_a_basin():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"objective": "forward"}, "objective"), ({"data_weight": 2.0}, r"\[0, 1\]"), ({"steps": 0}, "positive"),
-     ({"temper_ess": 1.0}, r"\[0, 1\)")],
+     ({"temper_ess": 1.0}, r"\[0, 1\)"), ({"ess_floor": -0.1}, "ess_floor")],
 )
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -242,3 +242,20 @@ def test_train_refine_command_writes_a_refined_flow_and_its_record(tmp_path, cap
     assert refined.metadata["refinement"]["complete"] and refined.metadata["refinement"]["options"]["objective"] == "weighted-ml"
     # Without the data term no data shaped the flow, so the record names none.
     assert refined.metadata["refinement"]["provenance"] == {"started_from": "ad2", "data": []}
+
+
+@pytest.mark.parametrize("ess_floor, stops", [(0.5, False), (0.7, True)])
+def test_ess_guard_stops_below_its_floor(monkeypatch, ess_floor, stops):
+    target, _ = butane_like()
+    estimates = iter([0.4, 0.25, 0.25])  # the start, then a fall to 62% of it
+
+    def evaluate(run):
+        return {"step": run.step, "seconds": run.seconds, "ess": next(estimates)}
+
+    monkeypatch.setattr(refine_module._Run, "evaluate", evaluate)
+    options = RefineOptions(steps=10, batch_size=16, eval_every=5, proposals_per_refresh=64, data_weight=0.0, ess_floor=ess_floor)
+    record = refine(uniform_torsion_flow(target), target, options, progress=False).metadata["refinement"]
+    if stops:
+        assert record["steps"] == 5 and record["stopped"] == "ESS fell to 0.250 from 0.400" and record["selected_step"] == 0
+    else:
+        assert record["steps"] == 10 and record["stopped"] is None

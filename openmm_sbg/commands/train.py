@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     refine.add_argument("--temper-ess", type=float, default=refine_defaults.temper_ess,
                         help="weighted-ml: temper each refresh's weights (p/q)^beta to keep this ESS fraction, for a "
                         "flow whose ESS is a few percent (default 0: untempered)")
+    refine.add_argument("--ess-floor", type=float, default=refine_defaults.ess_floor,
+                        help="stop when the ESS falls below this fraction of its start (default "
+                        f"{refine_defaults.ess_floor}; lower it, or raise --eval-proposals, for a flow whose ESS is a few percent)")
     refine.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the refinement")
     refine.add_argument("--eval-every", type=int, default=refine_defaults.eval_every,
                         help="steps between ESS / population checks (and checkpoints)")
@@ -172,6 +175,7 @@ def _refine(args: argparse.Namespace) -> dict:
         objective=args.objective,
         data_weight=args.data_weight,
         temper_ess=args.temper_ess,
+        ess_floor=args.ess_floor,
         steps=_given(args.steps, RefineOptions.steps),
         batch_size=_given(args.batch_size, RefineOptions.batch_size),
         lr=_given(args.lr, RefineOptions.lr),

@@ -24,7 +24,7 @@ importance-sampling ESS and, given ``states`` (a function from positions to stat
 the proposals' state populations next to the importance-weighted ones. Refinement stops
 early, keeping the EMA weights of the best ESS so far, when a state holding at least
 ``min_state_population`` of the weighted mass gets less than ``drift_ratio`` of that mass in
-the proposals, or when the ESS falls below half its starting value. Every checkpoint is the
+the proposals, or when the ESS falls below ``ess_floor`` (a half) of its starting value. Every checkpoint is the
 flow itself (an exact density); a run resumes exactly from it, every random draw of step
 ``t`` coming from a generator seeded by ``(seed, t)``.
 """
@@ -88,6 +88,9 @@ class RefineOptions:
     """Stop when a state's share of the proposals falls below this fraction of its weighted share."""
     min_state_population: float = 0.01
     """States with less weighted mass than this are not guarded."""
+    ess_floor: float = 0.5
+    """Stop when the ESS falls below this fraction of its starting value. At an ESS of a few percent one
+    evaluation's estimate scatters by a third or more, so a poor start needs a lower floor or more ``eval_proposals``."""
     max_seconds: float | None = None
     """Wall-clock budget: stop at the first evaluation past it (a resumed run counts the time already
     spent). Runs stopped by time are not bit-reproducible; step counts are."""
@@ -99,6 +102,8 @@ class RefineOptions:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0 <= self.data_weight <= 1:
             raise ValueError(f"data_weight must lie in [0, 1], got {self.data_weight}")
+        if not 0 <= self.ess_floor < 1:
+            raise ValueError(f"ess_floor must lie in [0, 1), got {self.ess_floor}")
         if not 0 <= self.temper_ess < 1:
             raise ValueError(f"temper_ess must lie in [0, 1), got {self.temper_ess}")
         if min(self.steps, self.batch_size, self.proposals_per_refresh, self.refresh_every, self.buffer_refreshes,
@@ -351,7 +356,7 @@ class _Run:
 
     def drift(self, entry: dict) -> str | None:
         o = self.options
-        if entry["ess"] < 0.5 * self.history[0]["ess"]:
+        if entry["ess"] < o.ess_floor * self.history[0]["ess"]:
             return f"ESS fell to {entry['ess']:.3f} from {self.history[0]['ess']:.3f}"
         for s, (proposed, weighted) in enumerate(zip(entry.get("proposal_populations", []), entry.get("weighted_populations", []))):
             if weighted >= o.min_state_population and proposed < o.drift_ratio * weighted:
