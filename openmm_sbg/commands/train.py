@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reverse-kl: KL(q||p) through the flow's inverse (mode-seeking)")
     refine.add_argument("--data-weight", type=float, default=refine_defaults.data_weight,
                         help=f"weight of the data's NLL in the loss (default {refine_defaults.data_weight})")
+    refine.add_argument("--add-blocks", type=int, default=0,
+                        help="append this many TarFlow blocks, each starting as the identity (the density is unchanged), "
+                        "for the refinement to fit what the trained flow's size could not (default 0)")
     refine.add_argument("--temper-ess", type=float, default=refine_defaults.temper_ess,
                         help="weighted-ml: temper each refresh's weights (p/q)^beta to keep this ESS fraction, for a "
                         "flow whose ESS is a few percent (default 0: untempered)")
@@ -160,6 +163,7 @@ def _refine(args: argparse.Namespace) -> dict:
     from openmm_sbg import distributed, populations
     from openmm_sbg.data import training_frames
     from openmm_sbg.flow import TarFlow
+    from openmm_sbg.flow.growth import with_identity_blocks
     from openmm_sbg.flow.refine import RefineOptions, refine
 
     if distributed.is_launched():
@@ -171,6 +175,8 @@ def _refine(args: argparse.Namespace) -> dict:
     else:
         target = target_from_args(args)
         flow = TarFlow.load(args.refine, target=target, map_location=args.device)
+    if args.add_blocks:
+        flow = with_identity_blocks(flow, args.add_blocks, seed=args.seed)
     options = RefineOptions(
         objective=args.objective,
         data_weight=args.data_weight,
@@ -192,7 +198,7 @@ def _refine(args: argparse.Namespace) -> dict:
     except ValueError:
         states = None  # not a peptide: the ESS guard only
     used_data = [os.fspath(path) for path in args.data] if data_positions is not None else []
-    provenance = {"started_from": os.fspath(args.refine), "data": used_data}
+    provenance = {"started_from": os.fspath(args.refine), "data": used_data, "added_blocks": args.add_blocks}
     refined = refine(flow, target, options, data_positions=data_positions, states=states, checkpoint_path=args.out,
                      progress=not args.no_progress, provenance=provenance)
     record = refined.metadata["refinement"]
