@@ -266,3 +266,18 @@ def test_ess_guard_stops_below_its_floor(monkeypatch, ess_floor, stops):
         assert record["steps"] == 5 and record["stopped"] == "ESS fell to 0.250 from 0.400" and record["selected_step"] == 0
     else:
         assert record["steps"] == 10 and record["stopped"] is None
+
+
+def test_data_weight_one_trains_on_the_data_alone(monkeypatch):
+    target, _ = butane_like()
+    flow = uniform_torsion_flow(target)
+    frames = flow.sample(256, generator=torch.Generator().manual_seed(1))[0].double().numpy()
+
+    def no_energy(run):
+        raise AssertionError("the energy term was computed with data_weight=1")
+
+    monkeypatch.setattr(refine_module._Run, "energy_loss", no_energy)
+    options = RefineOptions(steps=4, batch_size=32, lr=1e-3, data_weight=1.0, eval_every=2, eval_proposals=128)
+    refined = refine(flow, target, options, data_positions=frames, progress=False)
+    assert refined.metadata["refinement"]["steps"] == 4
+    assert any(not torch.equal(a, b) for a, b in zip(refined.state_dict().values(), flow.state_dict().values()))

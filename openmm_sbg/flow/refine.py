@@ -60,7 +60,9 @@ class RefineOptions:
     objective: str = "weighted-ml"
     """``"weighted-ml"`` or ``"reverse-kl"`` (see the module docstring)."""
     data_weight: float = 0.5
-    """Weight of the MD data's NLL in the loss, ``(1 - w) * energy term + w * data NLL``; 0 uses the energy alone."""
+    """Weight of the MD data's NLL in the loss, ``(1 - w) * energy term + w * data NLL``; 0 uses the energy
+    alone, 1 the data alone (more maximum-likelihood training under the guards: the control that shows what
+    the energy adds)."""
     steps: int = 300
     """Optimiser steps."""
     batch_size: int = 256
@@ -372,7 +374,7 @@ class _Run:
         started = time.perf_counter() - self.seconds
         try:
             while self.step < o.steps and self.stopped is None:
-                loss = (1 - o.data_weight) * self.energy_loss()
+                loss = (1 - o.data_weight) * self.energy_loss() if o.data_weight < 1 else 0.0
                 if o.data_weight > 0:
                     loss = loss + o.data_weight * self.data_loss()
                 loss_value = self.processes.total(loss)
