@@ -100,6 +100,21 @@ def mean_sd(runs: list[dict], key: str, digits: int = 3) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
 
+def describe_objective(record: dict) -> str:
+    """The objective and the settings that tell refinements apart: data weight, tempering, added blocks, EMA, lr."""
+    options = record["options"]
+    parts = [options["objective"] if options["data_weight"] < 1 else "data alone (control)"]
+    if options["data_weight"] < 1:
+        parts.append(f"data weight {options['data_weight']:g}")
+    if options.get("temper_ess"):
+        parts.append(f"tempered to ESS {options['temper_ess']:g}")
+    added = record.get("provenance", {}).get("added_blocks")
+    if added:
+        parts.append(f"+{added} blocks")
+    parts.append(f"lr {options['lr']:g}, EMA {options['ema_decay']:g}")
+    return "; ".join(parts)
+
+
 def report(results: dict) -> str:
     floor = results["noise_floor"]
     what = (f"Target `{results.get('system', 'ad2')}` at 300 K; reference: {results.get('reference', 'the shipped `ad2-ref.h5`')}. "
@@ -112,10 +127,13 @@ def report(results: dict) -> str:
     for row in results["flows"]:
         record = row["refinement"]
         runs = row["runs"]
+        objective = "" if record is None else describe_objective(record)
         pops = np.mean([r["populations"] for r in runs], axis=0)
         refinement = "none (maximum likelihood)" if record is None else f"{record['steps']} steps, {record['seconds'] / 60:.0f} min"
+        if record is not None and record.get("stopped") and "wall-clock" not in record["stopped"]:
+            refinement += f", stopped: {record['stopped']}"
         lines.append(
-            f"| `{os.path.basename(row['flow'])}` | {'' if record is None else record['options']['objective']} | {refinement} | "
+            f"| `{os.path.basename(row['flow'])}` | {objective} | {refinement} | "
             f"{'' if record is None else record['selected_step']} | {mean_sd(runs, 'ess_paper')} | {mean_sd(runs, 'ess_exact')} | "
             f"{mean_sd(runs, 'energy_w2', 2)} | {mean_sd(runs, 'torus_w2')} | {' / '.join(f'{p:.3f}' for p in pops)} | "
             f"{mean_sd(runs, 'log_z', 2)} |"
