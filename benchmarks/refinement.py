@@ -88,10 +88,10 @@ def plot(rows: list[dict], name: str) -> str:
             continue
         history = record["history"]
         axis.plot([h["seconds"] / 60 for h in history], [h["ess"] for h in history], marker=".",
-                  label=f"{record['options']['objective']} (lr {record['options']['lr']:g}, data weight {record['options']['data_weight']:g})")
+                  label=f"{os.path.basename(row['flow'])}: {describe_objective(record)}")
     axis.set_xlabel("refinement wall-clock (min; ML training before it not shown)")
     axis.set_ylabel("IS ESS (exact weights, 4096 proposals)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=6)
     return common.save_plot(figure, name)
 
 
