@@ -1,10 +1,10 @@
 """Growing a trained TarFlow: more blocks with the same density, capacity for refinement to use.
 
-A flow fitted by maximum likelihood to plenty of data sits at the optimum of its size: the
-data's NLL on held-out frames equals the training NLL, and refining it with the energy moves
-it little. Blocks appended as identities keep its density exactly, so refinement starts from
-the trained flow's ESS, and give the optimiser new parameters to fit what the small flow
-could not.
+A flow fitted by maximum likelihood to plenty of data can be limited by its size: the data's
+NLL on held-out frames equals the training NLL. Blocks appended as identities keep its density
+exactly, so refinement starts from the trained flow's ESS, and give the optimiser new
+parameters to fit what the small flow could not. (On ``ad2``, two added blocks did not beat
+the same refinement without them in 30 CPU minutes: benchmarks/RESULTS.md, session 6.)
 """
 
 from __future__ import annotations
