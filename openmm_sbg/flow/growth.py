@@ -27,7 +27,7 @@ def with_identity_blocks(flow: TarFlow, n_blocks: int, seed: int = 0) -> TarFlow
     many blocks it had.
     """
     if int(n_blocks) < 1:
-        raise ValueError(f"n_blocks must be a positive number of blocks to add, got {n_blocks!r}")
+        raise ValueError(f"the number of blocks to add (n_blocks, --add-blocks) must be positive, got {n_blocks!r}")
     config = dataclasses.replace(flow.config, n_blocks=flow.config.n_blocks + int(n_blocks))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
