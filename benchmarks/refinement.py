@@ -103,9 +103,8 @@ def mean_sd(runs: list[dict], key: str, digits: int = 3) -> str:
 def describe_objective(record: dict) -> str:
     """The objective and the settings that tell refinements apart: data weight, tempering, added blocks, EMA, lr."""
     options = record["options"]
-    parts = [options["objective"] if options["data_weight"] < 1 else "data alone (control)"]
-    if options["data_weight"] < 1:
-        parts.append(f"data weight {options['data_weight']:g}")
+    alone = options["data_weight"] == 1
+    parts = ["data alone (control)"] if alone else [options["objective"], f"data weight {options['data_weight']:g}"]
     if options.get("temper_ess"):
         parts.append(f"tempered to ESS {options['temper_ess']:g}")
     added = record.get("provenance", {}).get("added_blocks")

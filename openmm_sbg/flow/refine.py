@@ -46,6 +46,7 @@ from openmm_sbg.flow import checkpoint
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.training import _cpu_copy, _features, _fingerprint, _generator, optimiser_step
 from openmm_sbg.smc.proposal import com_log_density
+from openmm_sbg.smc.weights import normalised_ess
 
 OBJECTIVES = ("weighted-ml", "reverse-kl")
 # Kinds of random stream (see openmm_sbg.flow.training): proposals, buffer batches and their
@@ -154,8 +155,7 @@ def tempering_exponent(log_w: torch.Tensor, ess_fraction: float, iterations: int
     """
 
     def ess(beta: float) -> float:
-        weights = torch.softmax(tempered(log_w.double(), beta), 0)
-        return float(1 / weights.square().sum()) / len(log_w)
+        return normalised_ess(tempered(log_w.double(), beta))
 
     if ess_fraction <= 0 or ess(1.0) >= ess_fraction:
         return 1.0
@@ -346,7 +346,7 @@ class _Run:
         o = self.options
         x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, _generator(o.seed, _EVALUATE, 0), processes=self.processes)
         weights = torch.softmax(log_w, 0).numpy()
-        entry = {"step": self.step, "seconds": self.seconds, "ess": float(1 / np.sum(weights**2) / len(weights))}
+        entry = {"step": self.step, "seconds": self.seconds, "ess": normalised_ess(log_w)}
         if self.buffer:
             entry["temper"] = self.buffer[-1][2]
         if self.states is not None:
