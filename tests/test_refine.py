@@ -85,7 +85,7 @@ def weighted_populations(flow, target, labeller, n=6000, seed=123):
     return estimate, error, proposed, float(1 / np.sum(weights**2) / n)
 
 
-@pytest.mark.parametrize("objective", ["weighted-ml", "reverse-kl"])
+@pytest.mark.parametrize("objective", ["weighted-ml", "alpha-2", "reverse-kl"])
 def test_refinement_raises_ess_and_keeps_every_basin_mass(objective):
     target, exact = butane_like()
     labeller = torsion_of(target)
@@ -131,6 +131,9 @@ def test_tempering_exponent_keeps_the_requested_ess():
     beta = refine_module.tempering_exponent(log_w, 0.3)
     assert 0 < beta < 1 and abs(ess(beta) - 0.3) < 1e-6 and ess(beta + 1e-3) < 0.3
     assert refine_module.tempering_exponent(log_w, 0.0) == 1.0
+    # alpha-2 searches up to the square of the weights, and keeps it when that holds the ESS.
+    assert abs(refine_module.tempering_exponent(log_w, 0.3, largest=2.0) - beta) < 1e-9
+    assert refine_module.tempering_exponent(0.1 * log_w[100:], 0.3, largest=2.0) == 2.0
     assert refine_module.tempering_exponent(0.1 * log_w[100:], 0.3) == 1.0  # weights that keep the ESS stay as they are
     # No beta keeps more than the finite share (98%) of the proposals: beta 0 weighs the finite ones equally.
     assert refine_module.tempering_exponent(log_w, 0.99) == 0.0 and abs(ess(0.0) - 0.98) < 1e-12

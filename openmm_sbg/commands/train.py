@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trained flow checkpoint (or shipped model name) to refine; writes the refined flow to --out")
     refine.add_argument("--objective", choices=OBJECTIVES, default=refine_defaults.objective,
                         help="weighted-ml: importance-weighted likelihood with a replay buffer (mass-covering, default); "
+                        "alpha-2: the same with squared weights, FAB's alpha-2 divergence, which maximises the ESS itself; "
                         "reverse-kl: KL(q||p) through the flow's inverse (mode-seeking)")
     refine.add_argument("--data-weight", type=float, default=refine_defaults.data_weight,
                         help=f"weight of the data's NLL in the loss (default {refine_defaults.data_weight})")
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="append this many TarFlow blocks, each starting as the identity (the density is unchanged), "
                         "for the refinement to fit what the trained flow's size could not (default 0)")
     refine.add_argument("--temper-ess", type=float, default=refine_defaults.temper_ess,
-                        help="weighted-ml: temper each refresh's weights (p/q)^beta to keep this ESS fraction, for a "
+                        help="weighted-ml, alpha-2: temper each refresh's weights (p/q)^beta to keep this ESS fraction, for a "
                         "flow whose ESS is a few percent (default 0: untempered)")
     refine.add_argument("--ess-floor", type=float, default=refine_defaults.ess_floor,
                         help="stop when the ESS falls below this fraction of its start (default "

@@ -16,6 +16,12 @@ trained flow and fits it to the Boltzmann distribution itself. Two objectives
     fraction, as adaptive tempering in SMC: the flow then fits ``q_old^(1 - beta) p^beta``,
     one step of an annealing from itself to the target. A poor start (ESS of a few percent)
     otherwise resamples its batches from a few dozen heavy proposals and collapses onto them.
+``"alpha-2"``: the same buffer with each set's weights squared, ``(p / q_old)^2``: the
+    gradient of FAB's alpha-2 divergence ``integral p^2 / q``, whose minimum is the maximum of
+    the importance-sampling ESS itself (``ESS = 1 / integral (p^2 / q)`` for normalised ``p``).
+    Squaring puts the fit where the flow proposes too little, the heavy tail of the weights
+    that sets the ESS; it resamples from fewer effective proposals, so ``temper_ess`` (the
+    largest exponent up to 2 that keeps that ESS) is its natural companion.
 ``"reverse-kl"``: KL(q || p) through the differentiable inverse, with the target's forces;
     mode-seeking, which is why the data term matters more here.
 
@@ -48,7 +54,9 @@ from openmm_sbg.flow.training import _cpu_copy, _features, _fingerprint, _genera
 from openmm_sbg.smc.proposal import com_log_density
 from openmm_sbg.smc.weights import normalised_ess
 
-OBJECTIVES = ("weighted-ml", "reverse-kl")
+OBJECTIVES = ("weighted-ml", "alpha-2", "reverse-kl")
+#: The power of ``p / q_old`` that each buffered objective fits (before tempering).
+WEIGHT_POWERS = {"weighted-ml": 1.0, "alpha-2": 2.0}
 # Kinds of random stream (see openmm_sbg.flow.training): proposals, buffer batches and their
 # augmentation, data batches and theirs, evaluation, the buffer's first filling.
 _REFRESH, _BUFFER_BATCH, _BUFFER_AUGMENT, _DATA_BATCH, _DATA_AUGMENT, _EVALUATE, _FILL = range(10, 17)
@@ -59,7 +67,7 @@ class RefineOptions:
     """Settings of :func:`refine` (each field's docstring says what it sets)."""
 
     objective: str = "weighted-ml"
-    """``"weighted-ml"`` or ``"reverse-kl"`` (see the module docstring)."""
+    """``"weighted-ml"``, ``"alpha-2"`` or ``"reverse-kl"`` (see the module docstring)."""
     data_weight: float = 0.5
     """Weight of the MD data's NLL in the loss, ``(1 - w) * energy term + w * data NLL``; 0 uses the energy
     alone, 1 the data alone (more maximum-likelihood training under the guards: the control that shows what
@@ -75,14 +83,14 @@ class RefineOptions:
     ema_decay: float = 0.99
     """Decay of the EMA of the weights, which are evaluated and saved."""
     proposals_per_refresh: int = 2048
-    """``weighted-ml``: proposals drawn into the replay buffer per refresh."""
+    """``weighted-ml`` and ``alpha-2``: proposals drawn into the replay buffer per refresh."""
     refresh_every: int = 10
-    """``weighted-ml``: steps between refreshes."""
+    """``weighted-ml`` and ``alpha-2``: steps between refreshes."""
     buffer_refreshes: int = 10
-    """``weighted-ml``: refreshes the buffer keeps (20k proposals with the defaults)."""
+    """``weighted-ml`` and ``alpha-2``: refreshes the buffer keeps (20k proposals with the defaults)."""
     temper_ess: float = 0.0
-    """``weighted-ml``: temper each refresh's weights to keep at least this ESS fraction (see the
-    module docstring); 0 uses the weights as they are."""
+    """``weighted-ml`` and ``alpha-2``: temper each refresh's weights to keep at least this ESS fraction
+    (see the module docstring); 0 uses the weights as they are (squared for ``alpha-2``)."""
     eval_every: int = 50
     """Steps between guard evaluations (and checkpoints)."""
     eval_proposals: int = 4096
@@ -147,19 +155,19 @@ def tempered(log_w: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.where(torch.isfinite(log_w), beta * log_w, torch.full_like(log_w, -math.inf))
 
 
-def tempering_exponent(log_w: torch.Tensor, ess_fraction: float, iterations: int = 40) -> float:
-    """The largest ``beta`` in [0, 1] whose weights ``softmax(beta * log_w)`` keep an ESS of ``ess_fraction``.
+def tempering_exponent(log_w: torch.Tensor, ess_fraction: float, largest: float = 1.0, iterations: int = 40) -> float:
+    """The largest ``beta`` in [0, largest] whose weights ``softmax(beta * log_w)`` keep an ESS of ``ess_fraction``.
 
-    Bisection, since the ESS falls as ``beta`` grows; 1 when the weights themselves keep it.
+    Bisection, since the ESS falls as ``beta`` grows; ``largest`` when those weights keep it.
     Configurations with ``-inf`` log-weights (clashes) keep weight 0 at every ``beta > 0``.
     """
 
     def ess(beta: float) -> float:
         return normalised_ess(tempered(log_w.double(), beta))
 
-    if ess_fraction <= 0 or ess(1.0) >= ess_fraction:
-        return 1.0
-    low, high = 0.0, 1.0
+    if ess_fraction <= 0 or ess(largest) >= ess_fraction:
+        return largest
+    low, high = 0.0, largest
     for _ in range(iterations):
         middle = (low + high) / 2
         low, high = (middle, high) if ess(middle) >= ess_fraction else (low, middle)
@@ -310,7 +318,7 @@ class _Run:
     def energy_loss(self) -> torch.Tensor:
         """This process's part of the energy term: a sum over its rows divided by the batch size."""
         o, rows = self.options, self.processes.rows(self.options.batch_size)
-        if o.objective == "weighted-ml":
+        if o.objective in WEIGHT_POWERS:
             if not self.buffer:
                 # Start full: batches resampled from one refresh alone would revisit its few
                 # heavy configurations and pull the flow onto them.
@@ -332,7 +340,7 @@ class _Run:
 
     def proposals(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
         x, log_w = importance_weights(self.ema, self.target, self.options.proposals_per_refresh, generator, processes=self.processes)
-        beta = tempering_exponent(log_w, self.options.temper_ess)
+        beta = tempering_exponent(log_w, self.options.temper_ess, largest=WEIGHT_POWERS[self.options.objective])
         return x.float(), tempered(log_w, beta), beta
 
     def data_loss(self) -> torch.Tensor:
