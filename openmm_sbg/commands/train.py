@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the flow models: internal (Z-matrix bonds, angles, dihedrals) or cartesian (the paper's); "
         "default: the preset's",
     )
+    parser.add_argument("--width", type=int, default=None, help="transformer width (default: the preset's)")
+    parser.add_argument("--blocks", type=int, default=None, help="TarFlow blocks (default: the preset's)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
     length.add_argument("--steps", type=int, default=None,
@@ -107,8 +109,8 @@ def run(args: argparse.Namespace) -> dict:
 
     train_positions, val_positions, held_out = training_frames(args.data, target)
     config = get_preset(args.preset)
-    if args.representation is not None:
-        config = dataclasses.replace(config, representation=args.representation)
+    overrides = {"representation": args.representation, "width": args.width, "n_blocks": args.blocks}
+    config = dataclasses.replace(config, **{field: value for field, value in overrides.items() if value is not None})
     options = TrainOptions(
         epochs=args.epochs,
         steps=args.steps,
@@ -141,6 +143,8 @@ def run(args: argparse.Namespace) -> dict:
         "n_atoms": flow.n_atoms,
         "preset": args.preset,
         "representation": config.representation,
+        "width": config.width,
+        "blocks": config.n_blocks,
         "parameters": sum(p.numel() for p in flow.parameters()),
         "n_train": record["n_train"],
         "n_val": record["n_val"],
