@@ -61,7 +61,7 @@ def evaluate(path: str, target, reference, args) -> dict:
 
     flow = TarFlow.load(path, target=target)
     record = flow.metadata.get("refinement")
-    from openmm_sbg.smc.weights import normalised_ess
+    from openmm_sbg.smc.weights import normalised_ess, pareto_k
 
     row = {"flow": path, "train_seconds": flow.metadata.get("train_seconds"), "refinement": record, "runs": []}
     exact_log_weights = []
@@ -86,6 +86,7 @@ def evaluate(path: str, target, reference, args) -> dict:
     pooled = np.concatenate(exact_log_weights)
     row["ess_exact_pooled"] = normalised_ess(pooled)
     row["largest_weight_share"] = float(np.max(np.exp(pooled - np.logaddexp.reduce(pooled))))
+    row["pareto_k"] = pareto_k(pooled)
     return row
 
 
@@ -113,7 +114,8 @@ def pooled_ess(row: dict) -> str:
     """The pooled ESS and the largest weight share (rows written before they existed have neither)."""
     if "ess_exact_pooled" not in row:
         return ""
-    return f"{row['ess_exact_pooled']:.3f}; {row['largest_weight_share']:.4f}"
+    k = f"; k {row['pareto_k']:.2f}" if "pareto_k" in row else ""
+    return f"{row['ess_exact_pooled']:.3f}; {row['largest_weight_share']:.4f}{k}"
 
 
 def describe_objective(record: dict) -> str:
@@ -136,9 +138,10 @@ def report(results: dict) -> str:
             f"Mean ± sd over {results['seeds']} seeds of {results['n_proposals']:,} proposals. ESS (paper): chi3 CoM "
             "adjustment, top 0.2% of log-weights clipped; ESS (exact): Gaussian CoM adjustment, no clipping, which the "
             "metrics and populations use, on the weights themselves (no resampling); pooled: one ESS of all seeds' "
-            "proposals together, and the largest single proposal's share of their weight, which show a heavy tail. T-W2: the mean over "
+            "proposals together, the largest single proposal's share of their weight, and the Pareto k of their tail "
+            "(smc.weights.pareto_k; above 0.5 the weights' variance is infinite and one set's ESS overstates). T-W2: the mean over "
             f"{TW2_DRAWS} weighted subsamples of 2,000. Refinement budget: wall-clock on the shared 2-core machine, with other jobs running.")
-    lines = common.header(results, what, ["flow", "objective", "refinement", "selected step", "ESS (paper)", "ESS (exact)", "ESS (exact), pooled; largest weight",
+    lines = common.header(results, what, ["flow", "objective", "refinement", "selected step", "ESS (paper)", "ESS (exact)", "ESS (exact), pooled; largest weight; Pareto k",
                                    "E-W2 (kT)", "T-W2", f"populations {' / '.join(common.BASINS)}", "log Z"])
     for row in results["flows"]:
         record = row["refinement"]

@@ -23,6 +23,7 @@ from openmm_sbg.smc import (
     mala_step,
     multinomial,
     normalised_ess,
+    pareto_k,
     source_energy,
     systematic,
     top_fraction_filter,
@@ -39,6 +40,24 @@ def test_normalised_ess_of_equal_and_degenerate_weights():
     assert normalised_ess(torch.full((3,), -math.inf)) == 0.0
     # Two weights 1 and 3: (1 + 3)^2 / (2 (1 + 9)) = 0.8.
     assert normalised_ess(torch.log(torch.tensor([1.0, 3.0]))) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("shape", [0.3, 0.8])
+def test_pareto_k_recovers_the_tail_shape_of_pareto_weights(shape):
+    # w = U^-shape has a Pareto tail of that shape: over seeds the estimate centres on it.
+    estimates = [pareto_k(-shape * torch.rand(20_000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).log())
+                 for seed in range(8)]
+    assert abs(np.mean(estimates) - shape) < 0.05, estimates
+
+
+def test_pareto_k_of_light_tails_unusable_weights_and_too_few():
+    log_w = 0.5 * torch.randn(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert pareto_k(log_w) < 0.2
+    # Clashes (-inf, NaN) are not part of the tail; the scale of the log-weights does not matter.
+    with_clashes = torch.cat([log_w, torch.tensor([-math.inf, math.nan])])
+    assert pareto_k(with_clashes) == pytest.approx(pareto_k(log_w + 1000.0), abs=1e-9)
+    assert pareto_k(torch.zeros(10)) == math.inf
+    assert pareto_k(torch.zeros(1000)) == -math.inf
 
 
 def test_jarzynski_increment_and_nonfinite_energies():

@@ -29,6 +29,7 @@ from openmm_sbg.smc.weights import (
     energy_cutoff_filter,
     jarzynski_increment,
     normalised_ess,
+    pareto_k,
     top_fraction_filter,
 )
 
@@ -55,5 +56,6 @@ __all__ = [
     "energy_cutoff_filter",
     "jarzynski_increment",
     "normalised_ess",
+    "pareto_k",
     "top_fraction_filter",
 ]
