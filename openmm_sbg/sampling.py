@@ -44,6 +44,7 @@ def sample(target, flow, out: str, seed: int = 0, restart: bool = False, **optio
         "log_z": result.log_z,
         "ess": result.ess,
         "ess_proposals": result.info["ess_proposals"],
+        "pareto_k_proposals": result.info["pareto_k_proposals"],
         "n_proposals": result.info["n_proposals"],
         "n_kept_by_filters": result.info["n_kept"],
         "n_resampling": result.info["n_resampling"],

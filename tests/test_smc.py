@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_sbg.smc import GaussianProposal, KernelInfo, SMCSampler
+from openmm_sbg.smc import GaussianProposal, KernelInfo, SMCSampler, pareto_k
 from openmm_sbg.smc.testing import DoubleWellTarget, GaussianTarget
 
 N_SEEDS = 12
@@ -169,6 +169,14 @@ def test_filters_drop_the_requested_proposals(shifted_gaussian):
     assert info["n_after_energy_cutoff"] < 1000
     assert info["n_kept"] == info["n_after_energy_cutoff"] - int(0.01 * info["n_after_energy_cutoff"])
     assert result.energies.max() <= 8.0
+
+
+def test_the_proposals_weight_tail_is_reported(shifted_gaussian):
+    target, proposal = shifted_gaussian
+    result = SMCSampler(target, proposal, 2000, 0, com_adjustment="none", clip_fraction=0.0, resample_threshold=0.0,
+                        resample_at_end=False, progress=False).run(0)
+    k = result.info["pareto_k_proposals"]
+    assert math.isfinite(k) and k == pareto_k(torch.as_tensor(result.log_weights))
 
 
 @pytest.mark.parametrize("adjustment, extra", [("gaussian", 0.0), ("chi3", "chi3")])

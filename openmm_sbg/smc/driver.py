@@ -24,6 +24,7 @@ from openmm_sbg.smc.weights import (
     jarzynski_increment,
     log_mean_weight,
     normalised_ess,
+    pareto_k,
     top_fraction_filter,
 )
 
@@ -176,6 +177,7 @@ class SMCSampler:
             n_after_energy_cutoff=n_after_cutoff,
             n_kept=n_kept,
             ess_proposals=normalised_ess(log_w[keep]),
+            pareto_k_proposals=pareto_k(log_w[keep]),
         )
         return SMCRun(
             seed=seed,

@@ -31,6 +31,9 @@ class ProposalCounts:
     n_after_energy_cutoff: int
     n_kept: int
     ess_proposals: float
+    #: Pareto k of the kept proposals' importance weights (:func:`~openmm_sbg.smc.weights.pareto_k`);
+    #: None in checkpoints written before it was recorded.
+    pareto_k_proposals: float | None = None
 
 
 @dataclasses.dataclass
