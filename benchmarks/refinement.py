@@ -196,7 +196,8 @@ def main(argv=None) -> None:
         "flows": [evaluate(shipped.flow_path(path), target, reference, args) for path in args.flows],
     }
     name, heading = ("refinement", HEADING) if args.tag is None else (f"refinement-{args.tag}", f"{HEADING}, {args.tag}")
-    results["plot"] = plot(results["flows"], f"{name}_ess.png")
+    # A --no-write run (a check) leaves the committed plot alone.
+    results["plot"] = f"plots/{name}_ess.png" if args.no_write else plot(results["flows"], f"{name}_ess.png")
     common.publish(results, f"{name}.json", heading, report(results), write=not args.no_write)
 
 

@@ -106,10 +106,16 @@ def test_train_rejects_bad_data(ad2):
         train(np.random.default_rng(0).normal(size=(10, 5, 3)), target=ad2, progress=False)
 
 
-def test_cli_train_writes_flow_and_summary(tmp_path, ad2, capsys):
-    frames = thermal_frames(ad2, 100)
+def md_file(tmp_path, target, n_frames: int):
+    """An `openmm-sbg md`-style file of ``n_frames`` thermal frames with its train/val/test split."""
     data = tmp_path / "md.h5"
-    write_trajectory(str(data), ad2, frames, np.zeros(100), split_labels(100), MDConfig(n_frames=100))
+    write_trajectory(str(data), target, thermal_frames(target, n_frames), np.zeros(n_frames), split_labels(n_frames),
+                     MDConfig(n_frames=n_frames))
+    return data
+
+
+def test_cli_train_writes_flow_and_summary(tmp_path, ad2, capsys):
+    data = md_file(tmp_path, ad2, 100)
     out = tmp_path / "flow.pt"
     argv = ["train", "ad2", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "16",
             "--no-progress", "--summary", str(tmp_path / "summary.json")]
@@ -125,9 +131,7 @@ def test_cli_train_writes_flow_and_summary(tmp_path, ad2, capsys):
 
 
 def test_cli_train_sizes_the_preset_with_width_and_blocks(tmp_path, ad2, capsys):
-    frames = thermal_frames(ad2, 40)
-    data = tmp_path / "md.h5"
-    write_trajectory(str(data), ad2, frames, np.zeros(40), split_labels(40), MDConfig(n_frames=40))
+    data = md_file(tmp_path, ad2, 40)
     out = tmp_path / "flow.pt"
     argv = ["train", "ad2", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "8",
             "--width", "32", "--blocks", "6", "--no-progress"]

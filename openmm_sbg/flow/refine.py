@@ -1,7 +1,7 @@
 """Energy-aware refinement of a trained TarFlow: from the MD data's quality towards the force field's.
 
 Maximum likelihood on MD frames never sees the force field; refinement continues from a
-trained flow and fits it to the Boltzmann distribution itself. Two objectives
+trained flow and fits it to the Boltzmann distribution itself. Three objectives
 (:attr:`RefineOptions.objective`), each mixed with the MD data's likelihood (``data_weight``):
 
 ``"weighted-ml"`` (default): importance-weighted maximum likelihood with a replay buffer, the
