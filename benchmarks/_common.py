@@ -125,6 +125,16 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def weight_tail(log_weights) -> tuple[float, float, float]:
+    """Normalised ESS, the largest single weight's share and the Pareto k of a set of log-weights."""
+    import torch
+
+    from openmm_sbg.smc.weights import normalised_ess, pareto_k
+
+    log_weights = torch.as_tensor(log_weights, dtype=torch.float64)
+    return normalised_ess(log_weights), float(torch.softmax(log_weights, 0).max()), pareto_k(log_weights)
+
+
 def command_line(script: str, argv) -> str:
     """The command that reproduces this run, for RESULTS.md."""
     import sys

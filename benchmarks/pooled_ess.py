@@ -55,14 +55,14 @@ def log_weight_sets(path: str, target, args) -> list:
 def summarise(sets: list) -> dict:
     import torch
 
-    from openmm_sbg.smc.weights import normalised_ess, pareto_k
+    from openmm_sbg.smc.weights import normalised_ess
 
     per_set = [normalised_ess(log_w) for log_w in sets]
     pooled = torch.cat(sets)
     rng = np.random.default_rng(0)
     bootstrap = [normalised_ess(torch.cat([sets[i] for i in rng.integers(0, len(sets), len(sets))])) for _ in range(BOOTSTRAP)]
-    return {"per_set": per_set, "pooled": normalised_ess(pooled), "pooled_sd": float(np.std(bootstrap)),
-            "largest_weight_share": float(torch.softmax(pooled, 0).max()), "pareto_k": pareto_k(pooled)}
+    ess, largest, k = common.weight_tail(pooled)
+    return {"per_set": per_set, "pooled": ess, "pooled_sd": float(np.std(bootstrap)), "largest_weight_share": largest, "pareto_k": k}
 
 
 def report(results: dict) -> str:

@@ -61,8 +61,6 @@ def evaluate(path: str, target, reference, args) -> dict:
 
     flow = TarFlow.load(path, target=target)
     record = flow.metadata.get("refinement")
-    from openmm_sbg.smc.weights import normalised_ess, pareto_k
-
     row = {"flow": path, "train_seconds": flow.metadata.get("train_seconds"), "refinement": record, "runs": []}
     exact_log_weights = []
     for seed in range(args.seeds):
@@ -83,10 +81,7 @@ def evaluate(path: str, target, reference, args) -> dict:
         print(f"{path} seed {seed}: {entry}", flush=True)
     # One ESS of all seeds' proposals together (the raw log-weights share their scale): a heavy
     # tail shows up here, since a rare heavy proposal drags down the one set it lands in.
-    pooled = np.concatenate(exact_log_weights)
-    row["ess_exact_pooled"] = normalised_ess(pooled)
-    row["largest_weight_share"] = float(np.max(np.exp(pooled - np.logaddexp.reduce(pooled))))
-    row["pareto_k"] = pareto_k(pooled)
+    row["ess_exact_pooled"], row["largest_weight_share"], row["pareto_k"] = common.weight_tail(np.concatenate(exact_log_weights))
     return row
 
 
