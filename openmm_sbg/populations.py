@@ -81,6 +81,21 @@ def state_effective_sizes(labels, n_states: int, log_weights=None) -> np.ndarray
     return np.divide(mass**2, squares, out=np.zeros(n_states), where=squares > 0)
 
 
+def population_errors(labels, n_states: int, log_weights=None) -> np.ndarray:
+    """Standard error of each weighted population, ``[n_states]``, by the delta method.
+
+    For the self-normalised estimate ``p_s = sum_i w_i 1[i in s]`` of independent samples
+    with normalised weights ``w``: ``sqrt(sum_i w_i^2 (1[i in s] - p_s)^2)``. It is the
+    closed-form counterpart of :func:`bootstrap_populations`, cheap enough for a guard
+    evaluated during training, and it grows as a share comes to rest on fewer samples.
+    """
+    labels = _check_labels(labels, n_states)
+    weights = _normalised_weights(len(labels), log_weights)
+    member = labels[:, None] == np.arange(n_states)
+    shares = np.bincount(labels, weights=weights, minlength=n_states)
+    return np.sqrt(np.sum(weights[:, None] ** 2 * (member - shares) ** 2, axis=0))
+
+
 def bootstrap_populations(labels, n_states: int, log_weights=None, n_bootstrap: int = 500, seed: int = 0):
     """Populations and their bootstrap standard errors, for independent samples (importance sampling).
 

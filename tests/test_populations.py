@@ -47,6 +47,28 @@ def test_bootstrap_error_bars_cover_the_known_populations():
     assert 0.6 < z.std() < 1.5
 
 
+def test_delta_method_errors_match_the_bootstrap_and_the_spread_over_seeds():
+    truth = exact_populations()
+    estimates, errors = [], []
+    for seed in range(20):
+        labels, log_w = importance_sample(4000, seed)
+        error = populations.population_errors(labels, 3, log_w)
+        _, bootstrap = populations.bootstrap_populations(labels, 3, log_w, n_bootstrap=400, seed=seed)
+        np.testing.assert_allclose(error, bootstrap, rtol=0.2)
+        estimates.append(populations.state_populations(labels, 3, log_w))
+        errors.append(error)
+    z = (np.array(estimates) - truth) / np.array(errors)
+    assert np.abs(z).max() < 4.5 and 0.6 < z.std() < 1.5
+    # A share that rests on one heavy sample has an error as large as the share itself.
+    labels = np.array([0] * 99 + [1])
+    log_w = np.r_[np.zeros(99), np.log(40.0)]
+    share, error = populations.state_populations(labels, 2, log_w)[1], populations.population_errors(labels, 2, log_w)[1]
+    heavy, light = 40 / 139, 1 / 139  # the normalised weights
+    assert share == pytest.approx(heavy)
+    assert error == pytest.approx(math.sqrt(heavy**2 * (1 - share) ** 2 + 99 * light**2 * share**2), rel=1e-12)
+    assert error > 0.7 * share
+
+
 def test_repeats_combine_to_the_known_populations_within_their_error():
     truth = exact_populations()
     runs = []

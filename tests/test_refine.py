@@ -197,10 +197,34 @@ def test_population_guard_stops_a_run_that_drops_a_basin():
     assert record["steps"] == 5 and "of the proposals" in record["stopped"]
 
 
+def test_population_guard_ignores_a_share_that_rests_on_one_heavy_proposal():
+    """The al4 case: a state with a few percent of the weighted mass, carried by one proposal of many."""
+    n = 4000
+    labels = np.zeros(n, dtype=int)
+    labels[:40] = 1  # 1% of the proposals
+    mass = 0.06 / 0.94 * (n - 40)  # 6% of the weight, against weight 1 for each proposal of state 0
+    one_heavy = np.zeros(n)
+    one_heavy[:40] = -50.0
+    one_heavy[0] = np.log(mass)  # all of it on one proposal
+    evenly = np.zeros(n)
+    evenly[:40] = np.log(mass / 40)  # spread evenly over the state's 40
+    for log_w, stops in [(one_heavy, False), (evenly, True)]:
+        entry = {"ess": 0.5, **{key: getattr(populations, f)(labels, 2, *args).tolist() for key, f, args in [
+            ("proposal_populations", "state_populations", ()),
+            ("weighted_populations", "state_populations", (log_w,)),
+            ("weighted_population_errors", "population_errors", (log_w,)),
+        ]}}
+        assert entry["weighted_populations"][1] == pytest.approx(0.06)
+        reason = refine_module.drift_reason(entry, 0.5, RefineOptions())
+        assert (reason is not None) == stops
+        # Without the error margin both stop: the estimate alone cannot tell noise from drift.
+        assert "state 1 holds 0.060" in refine_module.drift_reason(entry, 0.5, RefineOptions(drift_errors=0.0))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"objective": "forward"}, "objective"), ({"data_weight": 2.0}, r"\[0, 1\]"), ({"steps": 0}, "positive"),
-     ({"temper_ess": 1.0}, r"\[0, 1\)"), ({"ess_floor": -0.1}, "ess_floor")],
+     ({"temper_ess": 1.0}, r"\[0, 1\)"), ({"ess_floor": -0.1}, "ess_floor"), ({"drift_errors": -1.0}, "drift_errors")],
 )
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

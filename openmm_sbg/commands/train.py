@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--width", type=int, default=None, help="transformer width (default: the preset's)")
     parser.add_argument("--blocks", type=int, default=None, help="TarFlow blocks (default: the preset's)")
+    parser.add_argument(
+        "--marginals", type=int, default=None,
+        help="internal coordinates: Gaussianize each feature through a Gaussian mixture of this many components "
+        "fitted to the training data, before the TarFlow blocks (default: the preset's; 0: none)",
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
     length.add_argument("--steps", type=int, default=None,
@@ -78,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     refine.add_argument("--ess-floor", type=float, default=refine_defaults.ess_floor,
                         help="stop when the ESS falls below this fraction of its start (default "
                         f"{refine_defaults.ess_floor}; lower it, or raise --eval-proposals, for a flow whose ESS is a few percent)")
+    refine.add_argument("--drift-errors", type=float, default=refine_defaults.drift_errors,
+                        help="the population guard stops a run only when a state's weighted share, less this many "
+                        f"standard errors, exceeds twice its share of the proposals (default {refine_defaults.drift_errors:g})")
     refine.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the refinement")
     refine.add_argument("--eval-every", type=int, default=refine_defaults.eval_every,
                         help="steps between ESS / population checks (and checkpoints)")
@@ -109,7 +117,9 @@ def run(args: argparse.Namespace) -> dict:
 
     train_positions, val_positions, held_out = training_frames(args.data, target)
     config = get_preset(args.preset)
-    overrides = {"representation": args.representation, "width": args.width, "n_blocks": args.blocks}
+    overrides = {
+        "representation": args.representation, "width": args.width, "n_blocks": args.blocks, "marginals": args.marginals,
+    }
     config = dataclasses.replace(config, **{field: value for field, value in overrides.items() if value is not None})
     options = TrainOptions(
         epochs=args.epochs,
@@ -145,6 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         "representation": config.representation,
         "width": config.width,
         "blocks": config.n_blocks,
+        "marginals": config.marginals,
         "parameters": sum(p.numel() for p in flow.parameters()),
         "n_train": record["n_train"],
         "n_val": record["n_val"],
@@ -187,6 +198,7 @@ def _refine(args: argparse.Namespace) -> dict:
         data_weight=args.data_weight,
         temper_ess=args.temper_ess,
         ess_floor=args.ess_floor,
+        drift_errors=args.drift_errors,
         steps=_given(args.steps, RefineOptions.steps),
         batch_size=_given(args.batch_size, RefineOptions.batch_size),
         lr=_given(args.lr, RefineOptions.lr),
@@ -219,7 +231,7 @@ def _refine(args: argparse.Namespace) -> dict:
         "ess_selected": record["ess"],
         "stopped": record["stopped"],
         "ess_over_time": [{"step": h["step"], "seconds": round(h["seconds"], 1), "ess": h["ess"]} for h in record["history"]],
-        "state_populations": {key: record["history"][-1].get(key) for key in ("proposal_populations", "weighted_populations")},
+        "state_populations": {key: record["history"][-1].get(key) for key in ("proposal_populations", "weighted_populations", "weighted_population_errors")},
     }
 
 

@@ -224,7 +224,7 @@ class TarFlow(nn.Module):
         cfg = self.config
         if cfg.representation == "internal" and zmatrix is None and topology is not None:
             zmatrix = ZMatrix.from_topology(topology)
-        self.representation = make_representation(cfg.representation, self.n_atoms, self.std, zmatrix)
+        self.representation = make_representation(cfg.representation, self.n_atoms, self.std, zmatrix, cfg.marginals)
         self._token_shape = self.representation.token_shape(cfg.tokens)
         tokens, channels = self._token_shape
         self.blocks = nn.ModuleList(

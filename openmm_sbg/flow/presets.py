@@ -32,6 +32,10 @@ class FlowConfig:
         ``"cartesian"`` (the paper's: centred, scaled positions) or ``"internal"`` (Z-matrix
         bonds, angles and dihedrals; the rigid-body motion analytic); see
         :mod:`openmm_sbg.flow.representations`.
+    marginals
+        ``internal`` only: Gaussian-mixture components of the fixed per-feature Gaussianization
+        fitted to the training data (:mod:`openmm_sbg.flow.marginals`); 0 (the default, and
+        every checkpoint written before it existed) for none.
     """
 
     width: int = 256
@@ -41,6 +45,7 @@ class FlowConfig:
     tokens: str = "atom"
     mlp_ratio: int = 4
     representation: str = "cartesian"
+    marginals: int = 0
 
     def __post_init__(self):
         if self.tokens not in TOKEN_LAYOUTS:
@@ -50,6 +55,10 @@ class FlowConfig:
         for field in ("width", "n_blocks", "layers_per_block", "heads", "mlp_ratio"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)!r}")
+        if int(self.marginals) < 0:
+            raise ValueError(f"marginals must be a non-negative number of mixture components, got {self.marginals!r}")
+        if self.marginals and self.representation != "internal":
+            raise ValueError("marginals (per-feature Gaussianization) needs representation='internal'")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 

@@ -30,7 +30,8 @@ importance-sampling ESS and, given ``states`` (a function from positions to stat
 the proposals' state populations next to the importance-weighted ones. Refinement stops
 early, keeping the EMA weights of the best ESS so far, when a state holding at least
 ``min_state_population`` of the weighted mass gets less than ``drift_ratio`` of that mass in
-the proposals, or when the ESS falls below ``ess_floor`` (a half) of its starting value. Every checkpoint is the
+the proposals (the mass less ``drift_errors`` of its standard errors, so that a share resting
+on a few heavy proposals does not stop a run on noise), or when the ESS falls below ``ess_floor`` (a half) of its starting value. Every checkpoint is the
 flow itself (an exact density); a run resumes exactly from it, every random draw of step
 ``t`` coming from a generator seeded by ``(seed, t)``.
 """
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from openmm_sbg import populations
 from openmm_sbg.flow import checkpoint
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.training import _cpu_copy, _features, _fingerprint, _generator, optimiser_step
@@ -97,6 +99,9 @@ class RefineOptions:
     """Proposals per guard evaluation."""
     drift_ratio: float = 0.5
     """Stop when a state's share of the proposals falls below this fraction of its weighted share."""
+    drift_errors: float = 2.0
+    """The weighted share the guard compares is its estimate less this many standard errors: a share that
+    rests on a few heavy proposals (a low ESS) cannot stop a run on its noise. 0 compares the estimates."""
     min_state_population: float = 0.01
     """States with less weighted mass than this are not guarded."""
     ess_floor: float = 0.5
@@ -115,6 +120,8 @@ class RefineOptions:
             raise ValueError(f"data_weight must lie in [0, 1], got {self.data_weight}")
         if not 0 <= self.ess_floor < 1:
             raise ValueError(f"ess_floor must lie in [0, 1), got {self.ess_floor}")
+        if self.drift_errors < 0:
+            raise ValueError(f"drift_errors must be a non-negative number of standard errors, got {self.drift_errors}")
         if not 0 <= self.temper_ess < 1:
             raise ValueError(f"temper_ess must lie in [0, 1), got {self.temper_ess}")
         if min(self.steps, self.batch_size, self.proposals_per_refresh, self.refresh_every, self.buffer_refreshes,
@@ -293,6 +300,18 @@ def refine(
     return run.finish(checkpoint_path)
 
 
+def drift_reason(entry: dict, start_ess: float, options: RefineOptions) -> str | None:
+    """Why the guards stop a run at this evaluation ``entry`` (see :class:`RefineOptions`), or None."""
+    if entry["ess"] < options.ess_floor * start_ess:
+        return f"ESS fell to {entry['ess']:.3f} from {start_ess:.3f}"
+    weighted = entry.get("weighted_populations", [])
+    errors = entry.get("weighted_population_errors", [])
+    for s, (proposed, share, error) in enumerate(zip(entry.get("proposal_populations", []), weighted, errors)):
+        if share >= options.min_state_population and proposed < options.drift_ratio * (share - options.drift_errors * error):
+            return f"state {s} holds {share:.3f} +- {error:.3f} of the weighted mass but {proposed:.3f} of the proposals"
+    return None
+
+
 class _Run:
     """The state of one refinement: model, EMA, optimiser, replay buffer, history."""
 
@@ -353,25 +372,19 @@ class _Run:
     def evaluate(self) -> dict:
         o = self.options
         x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, _generator(o.seed, _EVALUATE, 0), processes=self.processes)
-        weights = torch.softmax(log_w, 0).numpy()
         entry = {"step": self.step, "seconds": self.seconds, "ess": normalised_ess(log_w)}
         if self.buffer:
             entry["temper"] = self.buffer[-1][2]
         if self.states is not None:
             labels = np.asarray(self.states(x.numpy()))
-            n_states = int(labels.max()) + 1 if len(labels) else 0
-            entry["proposal_populations"] = (np.bincount(labels, minlength=n_states) / len(labels)).tolist()
-            entry["weighted_populations"] = np.bincount(labels, weights=weights, minlength=n_states).tolist()
+            n_states, log_w = int(labels.max()) + 1, log_w.numpy()
+            entry["proposal_populations"] = populations.state_populations(labels, n_states).tolist()
+            entry["weighted_populations"] = populations.state_populations(labels, n_states, log_w).tolist()
+            entry["weighted_population_errors"] = populations.population_errors(labels, n_states, log_w).tolist()
         return entry
 
     def drift(self, entry: dict) -> str | None:
-        o = self.options
-        if entry["ess"] < o.ess_floor * self.history[0]["ess"]:
-            return f"ESS fell to {entry['ess']:.3f} from {self.history[0]['ess']:.3f}"
-        for s, (proposed, weighted) in enumerate(zip(entry.get("proposal_populations", []), entry.get("weighted_populations", []))):
-            if weighted >= o.min_state_population and proposed < o.drift_ratio * weighted:
-                return f"state {s} holds {weighted:.3f} of the weighted mass but {proposed:.3f} of the proposals"
-        return None
+        return drift_reason(entry, self.history[0]["ess"], self.options)
 
     # ------------------------------------------------------------------ loop
     def loop(self, checkpoint_path, progress: bool) -> None:

@@ -26,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from openmm_sbg.flow.marginals import GaussianMixtureMarginals
 from openmm_sbg.flow.symmetry import augment, random_rotations_from_normal, remove_com
 from openmm_sbg.flow.zmatrix import LOG_SO3_VOLUME, ZMatrix
 
@@ -80,12 +81,15 @@ class InternalCoordinates(nn.Module):
         The molecule's :class:`ZMatrix`.
     com_std
         Std (nm) per coordinate of the centre of mass of the samples.
+    marginals
+        Gaussian-mixture components of the per-feature Gaussianization applied after the
+        standardisation (:mod:`openmm_sbg.flow.marginals`); 0 for none.
     """
 
     kind = "internal"
     n_rigid = 7  # a normal 4-vector (uniform quaternion) and the CoM
 
-    def __init__(self, zmatrix: ZMatrix, com_std: float):
+    def __init__(self, zmatrix: ZMatrix, com_std: float, marginals: int = 0):
         super().__init__()
         self.zmatrix = zmatrix
         self.n_atoms, self.com_std = zmatrix.n_atoms, float(com_std)
@@ -101,6 +105,7 @@ class InternalCoordinates(nn.Module):
         kinds[0, 2] = ANGLE
         kinds[1:, 1], kinds[1:, 2] = ANGLE, DIHEDRAL
         self.kinds = kinds
+        self.gaussianize = GaussianMixtureMarginals(self.feature_shape, marginals) if marginals else None
 
     def token_shape(self, layout: str) -> tuple[int, int]:
         return (self.n_atoms - 2, 3) if layout == "atom" else (3 * (self.n_atoms - 2), 1)
@@ -121,6 +126,8 @@ class InternalCoordinates(nn.Module):
         t, _ = self._to_unbounded(q)
         self.loc.copy_(t.mean(dim=0))
         self.scale.copy_(t.std(dim=0).clamp_min(1e-6))
+        if self.gaussianize is not None:
+            self.gaussianize.fit((t - self.loc) / self.scale)
 
     # ------------------------------------------------------------------- elementwise maps
     def _to_unbounded(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +164,9 @@ class InternalCoordinates(nn.Module):
         q, centre = self.zmatrix.to_internal(x.to(torch.float64))
         t, log_map = self._to_unbounded(q)
         h = (t - self.loc) / self.scale
+        if self.gaussianize is not None:
+            h, log_gaussianize = self.gaussianize(h)
+            log_map = log_map + log_gaussianize
         return h.to(x.dtype), self._log_det(q, centre, log_map).to(x.dtype)
 
     def positions(self, h: torch.Tensor, rigid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,8 +176,12 @@ class InternalCoordinates(nn.Module):
                 f"an internal-coordinate flow places each sample with {self.n_rigid} normal numbers "
                 f"(rigid [{h.shape[0]}, {self.n_rigid}]); use TarFlow.sample, or draw_latents and from_latents"
             )
-        t = h.to(torch.float64) * self.scale + self.loc
-        q, log_map = self._from_unbounded(t)
+        h = h.to(torch.float64)
+        log_gaussianize = 0.0
+        if self.gaussianize is not None:
+            h, log_gaussianize = self.gaussianize.inverse(h)
+        q, log_map = self._from_unbounded(h * self.scale + self.loc)
+        log_map = log_map + log_gaussianize
         rigid = rigid.to(torch.float64)
         rotation = random_rotations_from_normal(rigid[:, :4])
         centre = rigid[:, 4:] * self.com_std
@@ -182,9 +196,14 @@ class InternalCoordinates(nn.Module):
         return h
 
 
-def make_representation(kind: str, n_atoms: int, std: float, zmatrix: ZMatrix | None = None) -> nn.Module:
-    """The representation ``kind`` of a flow over ``n_atoms`` atoms (``internal`` needs the ``zmatrix``)."""
+def make_representation(
+    kind: str, n_atoms: int, std: float, zmatrix: ZMatrix | None = None, marginals: int = 0
+) -> nn.Module:
+    """The representation ``kind`` of a flow over ``n_atoms`` atoms (``internal`` needs the ``zmatrix``;
+    ``marginals`` Gaussian-mixture components per feature, internal only)."""
     if kind == "cartesian":
+        if marginals:
+            raise ValueError("per-feature Gaussianization (marginals) is for internal coordinates; set marginals=0")
         return CartesianCoordinates(n_atoms, std)
     if kind == "internal":
         if zmatrix is None:
@@ -193,5 +212,5 @@ def make_representation(kind: str, n_atoms: int, std: float, zmatrix: ZMatrix | 
             )
         if zmatrix.n_atoms != n_atoms:
             raise ValueError(f"the Z-matrix has {zmatrix.n_atoms} atoms but the flow {n_atoms}")
-        return InternalCoordinates(zmatrix, std / math.sqrt(n_atoms))
+        return InternalCoordinates(zmatrix, std / math.sqrt(n_atoms), marginals)
     raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {kind!r}")
