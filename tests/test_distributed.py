@@ -78,8 +78,9 @@ def test_sharded_smc_equals_the_single_process_run(two_processes, name):
     target, proposal, kwargs = smc_scenario(name)
     single = SMCSampler(target, proposal, progress=False, **kwargs).run(seed=SMC_SEED)
     # All in float64 with per-particle answers independent of the batch: equal to the bit.
-    # The flow's matrix products round differently for other batch sizes: equal to rounding.
-    tolerance = dict(rtol=1e-12, atol=1e-14) if name == "tarflow" else dict(rtol=0, atol=0)
+    # A flow's matrix products may round differently for other batch sizes (on an AMD EPYC
+    # both flows do, on the Intel Xeon only the Cartesian one did): equal to rounding.
+    tolerance = dict(rtol=1e-12, atol=1e-14) if "tarflow" in name else dict(rtol=0, atol=0)
     np.testing.assert_allclose(sharded["positions"], single.positions, **tolerance)
     np.testing.assert_allclose(sharded["log_weights"], single.log_weights, **tolerance)
     np.testing.assert_allclose(sharded["energies"], single.energies, **tolerance)

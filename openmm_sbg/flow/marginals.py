@@ -88,15 +88,17 @@ class GaussianMixtureMarginals(nn.Module):
         """
         flat = u.to(torch.float64).reshape(len(u), -1).T  # [F, T]
         components = self.loc.shape[-1]
-        levels = (torch.arange(components, dtype=torch.float64) + 0.5) / components
+        levels = (torch.arange(components, dtype=torch.float64, device=flat.device) + 0.5) / components
         loc = torch.quantile(flat, levels, dim=1).T.contiguous()  # [F, K]
         scale = flat.std(dim=1, keepdim=True).expand_as(loc) / components
         log_weight = torch.full_like(loc, -math.log(components))
         low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
         width = ((high - low) / _EM_BINS).clamp_min(1e-12)
         index = ((flat - low) / width).floor().long().clamp(0, _EM_BINS - 1)
-        counts = torch.zeros(len(flat), _EM_BINS, dtype=torch.float64).scatter_add_(1, index, torch.ones_like(flat))
-        x = (low + (torch.arange(_EM_BINS, dtype=torch.float64) + 0.5) * width).unsqueeze(-1)  # [F, bins, 1]
+        counts = torch.zeros(len(flat), _EM_BINS, dtype=torch.float64, device=flat.device)
+        counts.scatter_add_(1, index, torch.ones_like(flat))
+        centres = torch.arange(_EM_BINS, dtype=torch.float64, device=flat.device) + 0.5
+        x = (low + centres * width).unsqueeze(-1)  # [F, bins, 1]
         counts = counts.unsqueeze(-1)
         for _ in range(_EM_ITERATIONS):
             scale = scale.clamp_min(_MIN_SCALE)
@@ -144,7 +146,7 @@ class GaussianMixtureMarginals(nn.Module):
         batch = target.shape[0]
         with torch.no_grad():
             flat_target = target.reshape(batch, -1).T  # [F, B]
-            offsets = torch.linspace(-_GRID_HALF_WIDTH, _GRID_HALF_WIDTH, _GRID_POINTS, dtype=torch.float64)
+            offsets = torch.linspace(-_GRID_HALF_WIDTH, _GRID_HALF_WIDTH, _GRID_POINTS, dtype=torch.float64, device=target.device)
             loc, scale = self.loc.reshape(len(flat_target), -1), self.log_scale.exp().reshape(len(flat_target), -1)
             grid = (loc.unsqueeze(-1) + scale.unsqueeze(-1) * offsets).flatten(1).sort(dim=1).values  # [F, P]
             grid_value = self._flat_gaussianize(grid).contiguous()
