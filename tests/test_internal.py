@@ -130,6 +130,9 @@ def test_checkpoint_round_trip_keeps_zmatrix_and_normalisation(tmp_path, margina
     assert loaded.representation.zmatrix.root == flow.representation.zmatrix.root
     x = jittered(target, 5).float()
     torch.testing.assert_close(loaded.log_prob(x), flow.log_prob(x), atol=0, rtol=0)
+    # A float32 flow samples float32 positions and log-densities, as the SMC layers expect.
+    samples, log_q = loaded.sample(4, generator=torch.Generator().manual_seed(0))
+    assert samples.dtype == log_q.dtype == torch.float32
 
 
 def test_internal_flow_needs_the_molecule_and_its_rigid_body_noise():

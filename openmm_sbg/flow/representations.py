@@ -176,11 +176,11 @@ class InternalCoordinates(nn.Module):
                 f"an internal-coordinate flow places each sample with {self.n_rigid} normal numbers "
                 f"(rigid [{h.shape[0]}, {self.n_rigid}]); use TarFlow.sample, or draw_latents and from_latents"
             )
-        h = h.to(torch.float64)
+        u = h.to(torch.float64)
         log_gaussianize = 0.0
         if self.gaussianize is not None:
-            h, log_gaussianize = self.gaussianize.inverse(h)
-        q, log_map = self._from_unbounded(h * self.scale + self.loc)
+            u, log_gaussianize = self.gaussianize.inverse(u)
+        q, log_map = self._from_unbounded(u * self.scale + self.loc)
         log_map = log_map + log_gaussianize
         rigid = rigid.to(torch.float64)
         rotation = random_rotations_from_normal(rigid[:, :4])
