@@ -37,14 +37,13 @@ _LOG_P_UNDERFLOW = -700.0
 # Newton steps inside the bracket then reach float64 precision.
 _GRID_POINTS = 64
 _GRID_HALF_WIDTH = 8.0
-_NEWTON_STEPS = 5
+_NEWTON_STEPS = 3
 
 
 def _log_normal_quantile(log_p: torch.Tensor) -> torch.Tensor:
     """``Phi^-1(exp(log_p))`` for ``log_p <= log 0.5``, accurate down to any ``log_p``.
 
-    Larger ``log_p`` are treated as ``log 0.5``: callers select this branch only below it, and
-    the clamp keeps the unselected branch (and so its gradient) finite.
+    Larger ``log_p`` (rounding at the median) are treated as ``log 0.5``.
     """
     log_p = log_p.clamp_max(-math.log(2.0))
     direct = torch.special.ndtri(log_p.clamp_min(_LOG_P_UNDERFLOW).exp())
@@ -124,7 +123,9 @@ class GaussianMixtureMarginals(nn.Module):
         # Both tails in log space, so that the quantile is accurate far from the bulk on either side.
         log_lower = torch.logsumexp(self.log_weight + torch.special.log_ndtr(s), dim=-1)
         log_upper = torch.logsumexp(self.log_weight + torch.special.log_ndtr(-s), dim=-1)
-        y = torch.where(log_lower < log_upper, _log_normal_quantile(log_lower), -_log_normal_quantile(log_upper))
+        lower_tail = log_lower < log_upper
+        y = _log_normal_quantile(torch.where(lower_tail, log_lower, log_upper))
+        y = torch.where(lower_tail, y, -y)
         log_density = torch.logsumexp(self.log_weight - self.log_scale - 0.5 * s.square(), dim=-1)
         log_derivative = log_density + 0.5 * y.square()  # log f(u) - log phi(y); the 2 pi terms cancel
         return y, log_derivative
