@@ -10,9 +10,9 @@ it (EM on the training features) and then through the standard normal quantile,
     y = Phi^-1(F(u)),        log|dy/du| = log f(u) - log phi(y),
 
 so that ``y`` is close to standard normal feature by feature and the blocks only model the
-dependencies. The map is monotone and smooth, its inverse is found by bisection and one
-differentiable Newton step, and its parameters are buffers fixed after fitting: every
-checkpoint stays an exact density.
+dependencies. The map is monotone and smooth; its inverse is bracketed on a grid and found
+by Newton steps, the last one differentiable; its parameters are buffers fixed after
+fitting, so every checkpoint stays an exact density.
 """
 
 from __future__ import annotations

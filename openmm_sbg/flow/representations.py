@@ -12,8 +12,9 @@ rotation invariance from randomly rotated training data with centre-of-mass nois
 ``internal``: ``h`` are the 3N - 6 Z-matrix coordinates of :mod:`openmm_sbg.flow.zmatrix`,
 each mapped to the real line (bonds by ``log``, angles by ``logit(a / pi)``, dihedrals by
 ``logit`` of the angle measured from a cut at their least populated value in the training
-data) and standardised with the training data's mean and std. The six rigid-body degrees of
-freedom are not learned: the centre ``c`` is ``N(0, com_std^2 I)`` (the Gaussian the CoM
+data) and standardised with the training data's mean and std; with ``marginals > 0`` each is
+then Gaussianized through a Gaussian mixture fitted to it (:mod:`openmm_sbg.flow.marginals`).
+The six rigid-body degrees of freedom are not learned: the centre ``c`` is ``N(0, com_std^2 I)`` (the Gaussian the CoM
 adjustment assumes) and the orientation uniform on SO(3), so ``log_det`` holds
 ``log N(c) - log(8 pi^2)``, the Jacobians of the maps and minus the Z-matrix volume element.
 Sampling draws 7 extra normal numbers per configuration for them (a quaternion and the CoM).
