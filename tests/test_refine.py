@@ -1,5 +1,6 @@
 """Energy-aware refinement: a toy with a known answer (three torsion basins), exact resume, guards."""
 
+import dataclasses
 import itertools
 import math
 
@@ -54,7 +55,7 @@ def torsion_of(target):
     return labels
 
 
-def uniform_torsion_flow(target, seed=0, spread=1.0) -> TarFlow:
+def uniform_torsion_flow(target, seed=0, spread=1.0, marginals=0) -> TarFlow:
     """A flow fitted to frames with the right bonds and angles but a uniform torsion: equal basins.
 
     ``spread`` widens the bonds and angles beyond their thermal width: a poor start.
@@ -71,7 +72,7 @@ def uniform_torsion_flow(target, seed=0, spread=1.0) -> TarFlow:
     q[:, 1, 2] = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
     frames = zmatrix.to_cartesian(q, torch.zeros(n, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).expand(n, 3, 3))
     torch.manual_seed(seed)
-    flow = TarFlow(TINY, target=target, std=0.1)
+    flow = TarFlow(dataclasses.replace(TINY, marginals=marginals), target=target, std=0.1)
     flow.representation.fit(frames)
     return flow
 
@@ -139,9 +140,10 @@ def test_tempering_exponent_keeps_the_requested_ess():
     assert refine_module.tempering_exponent(log_w, 0.99) == 0.0 and abs(ess(0.0) - 0.98) < 1e-12
 
 
-def test_refinement_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("marginals", [0, 4])
+def test_refinement_resumes_exactly(tmp_path, monkeypatch, marginals):
     target, _ = butane_like()
-    flow = uniform_torsion_flow(target)
+    flow = uniform_torsion_flow(target, marginals=marginals)
     frames = flow.sample(500, generator=torch.Generator().manual_seed(1))[0].double().numpy()
     # Tempered: the buffer's exponents travel in the checkpoint too.
     options = RefineOptions(steps=12, batch_size=64, lr=1e-3, data_weight=0.5, eval_every=4, eval_proposals=256,
@@ -166,6 +168,10 @@ def test_refinement_resumes_exactly(tmp_path, monkeypatch):
     assert untimed(TarFlow.load(tmp_path / "split.pt").metadata["refinement"]["history"]) == untimed(whole.metadata["refinement"]["history"])
     with pytest.raises(ValueError, match="finished flow"):
         refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "split.pt", progress=False)
+    # The refined flow (with its fixed Gaussianization, if any) is still an exact density.
+    refined = TarFlow.load(tmp_path / "split.pt", target=target).double()
+    x, log_q = refined.sample(64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(refined.log_prob(x), log_q, rtol=0, atol=1e-8)
 
 
 def test_the_replay_buffer_starts_full_and_refreshes_replace_its_oldest_set():
