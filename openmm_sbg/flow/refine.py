@@ -383,9 +383,6 @@ class _Run:
             entry["weighted_population_errors"] = populations.population_errors(labels, n_states, log_w).tolist()
         return entry
 
-    def drift(self, entry: dict) -> str | None:
-        return drift_reason(entry, self.history[0]["ess"], self.options)
-
     # ------------------------------------------------------------------ loop
     def loop(self, checkpoint_path, progress: bool) -> None:
         o = self.options
@@ -409,7 +406,7 @@ class _Run:
                 if self.step % o.eval_every == 0 or self.step == o.steps:
                     self.seconds = time.perf_counter() - started
                     entry = self.evaluate()
-                    self.stopped = self.drift(entry)
+                    self.stopped = drift_reason(entry, self.history[0]["ess"], o)
                     if self.stopped is None and o.max_seconds is not None and self.seconds >= o.max_seconds:
                         self.stopped = f"the wall-clock budget of {o.max_seconds:g} s is spent"
                     self.record(entry)
