@@ -31,9 +31,10 @@ the proposals' state populations next to the importance-weighted ones. Refinemen
 early, keeping the EMA weights of the best ESS so far, when a state holding at least
 ``min_state_population`` of the weighted mass gets less than ``drift_ratio`` of that mass in
 the proposals (the mass less ``drift_errors`` of its standard errors, so that a share resting
-on a few heavy proposals does not stop a run on noise), or when the ESS falls below ``ess_floor`` (a half) of its starting value. Every checkpoint is the
-flow itself (an exact density); a run resumes exactly from it, every random draw of step
-``t`` coming from a generator seeded by ``(seed, t)``.
+on a few heavy proposals does not stop a run on noise), or when the ESS falls below
+``ess_floor`` (a half) of its starting value. Every checkpoint is the flow itself (an exact
+density); a run resumes exactly from it, every random draw of step ``t`` coming from a
+generator seeded by ``(seed, t)``.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ each mapped to the real line (bonds by ``log``, angles by ``logit(a / pi)``, dih
 ``logit`` of the angle measured from a cut at their least populated value in the training
 data) and standardised with the training data's mean and std; with ``marginals > 0`` each is
 then Gaussianized through a Gaussian mixture fitted to it (:mod:`openmm_sbg.flow.marginals`).
-The six rigid-body degrees of freedom are not learned: the centre ``c`` is ``N(0, com_std^2 I)`` (the Gaussian the CoM
-adjustment assumes) and the orientation uniform on SO(3), so ``log_det`` holds
-``log N(c) - log(8 pi^2)``, the Jacobians of the maps and minus the Z-matrix volume element.
+The six rigid-body degrees of freedom are not learned: the centre ``c`` is
+``N(0, com_std^2 I)`` (the Gaussian the CoM adjustment assumes) and the orientation uniform
+on SO(3), so ``log_det`` holds ``log N(c) - log(8 pi^2)``, the Jacobians of the maps and minus
+the Z-matrix volume element.
 Sampling draws 7 extra normal numbers per configuration for them (a quaternion and the CoM).
 """
 
@@ -201,10 +202,8 @@ def make_representation(
     kind: str, n_atoms: int, std: float, zmatrix: ZMatrix | None = None, marginals: int = 0
 ) -> nn.Module:
     """The representation ``kind`` of a flow over ``n_atoms`` atoms (``internal`` needs the ``zmatrix``;
-    ``marginals`` Gaussian-mixture components per feature, internal only)."""
+    ``marginals`` Gaussian-mixture components per feature, internal only; FlowConfig checks that)."""
     if kind == "cartesian":
-        if marginals:
-            raise ValueError("per-feature Gaussianization (marginals) is for internal coordinates; set marginals=0")
         return CartesianCoordinates(n_atoms, std)
     if kind == "internal":
         if zmatrix is None:
