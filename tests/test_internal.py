@@ -18,8 +18,9 @@ from openmm_sbg.flow.zmatrix import ZMatrix
 from openmm_sbg.smc.proposal import com_log_density
 
 TINY_INTERNAL = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2, representation="internal")
-# Without and with the per-feature Gaussianization: every exactness check holds for both.
-MARGINALS = [0, 4]
+# Plain, with the per-feature Gaussianization, and with spline blocks: every exactness check
+# holds for each.
+VARIANTS = [{}, {"marginals": 4}, {"spline_bins": 6}]
 
 
 def jittered(target, n, scale=0.01, seed=0) -> torch.Tensor:
@@ -28,10 +29,10 @@ def jittered(target, n, scale=0.01, seed=0) -> torch.Tensor:
     return x + scale * torch.randn(n, *x.shape, dtype=torch.float64, generator=generator)
 
 
-def random_internal_flow(target, seed=0, marginals=0) -> TarFlow:
+def random_internal_flow(target, seed=0, **variant) -> TarFlow:
     """An internal flow fitted to jittered structures, with random (non-identity) blocks, in float64."""
     torch.manual_seed(seed)
-    flow = TarFlow(dataclasses.replace(TINY_INTERNAL, marginals=marginals), target=target, std=0.2)
+    flow = TarFlow(dataclasses.replace(TINY_INTERNAL, **variant), target=target, std=0.2)
     flow.representation.fit(jittered(target, 256, seed=seed))
     for block in flow.blocks:
         torch.nn.init.normal_(block.proj_out.weight, std=0.05)
@@ -85,12 +86,12 @@ def _rigid_and_internal(representation, flat: torch.Tensor):
     return torch.cat([features.flatten(), x.mean(1)[0], torch.stack([polar, azimuth, spin])]), polar
 
 
-@pytest.mark.parametrize("marginals", MARGINALS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
 @pytest.mark.parametrize("name", ["ad2", "al3"])
-def test_log_det_equals_float64_autograd_jacobian(name, marginals):
+def test_log_det_equals_float64_autograd_jacobian(name, variant):
     """log q(x) = log p(h) + log N(c) + log(uniform SO(3) density in these angles) + log|d(h, c, angles)/dx|."""
     target = systems.get(name, platform="Reference")
-    flow = random_internal_flow(target, marginals=marginals)
+    flow = random_internal_flow(target, **variant)
     representation = flow.representation
     x, log_q = flow.sample(3, generator=torch.Generator().manual_seed(2))
     for i in range(3):
@@ -107,10 +108,10 @@ def test_log_det_equals_float64_autograd_jacobian(name, marginals):
         assert log_q[i].item() == pytest.approx((_standard_normal_log_prob(z) + block_log_det + expected).item(), abs=1e-8)
 
 
-@pytest.mark.parametrize("marginals", MARGINALS)
-def test_sample_log_q_equals_log_prob_and_draws_are_reproducible(marginals):
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_sample_log_q_equals_log_prob_and_draws_are_reproducible(variant):
     target = systems.get("ad2", platform="Reference")
-    flow = random_internal_flow(target, marginals=marginals)
+    flow = random_internal_flow(target, **variant)
     x, log_q = flow.sample(64, generator=torch.Generator().manual_seed(1), batch_size=20)
     torch.testing.assert_close(log_q, flow.log_prob(x).detach(), atol=1e-9, rtol=0)
     again, _ = flow.sample(64, generator=torch.Generator().manual_seed(1), batch_size=20)
@@ -120,10 +121,10 @@ def test_sample_log_q_equals_log_prob_and_draws_are_reproducible(marginals):
     torch.testing.assert_close(flow.from_latents(latents[2:5])[0], flow.from_latents(latents)[0][2:5], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("marginals", MARGINALS)
-def test_checkpoint_round_trip_keeps_zmatrix_and_normalisation(tmp_path, marginals):
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_checkpoint_round_trip_keeps_zmatrix_and_normalisation(tmp_path, variant):
     target = systems.get("ad2", platform="Reference")
-    flow = random_internal_flow(target, marginals=marginals).float()
+    flow = random_internal_flow(target, **variant).float()
     flow.save(tmp_path / "flow.pt")
     loaded = TarFlow.load(tmp_path / "flow.pt")
     assert loaded.config.representation == "internal"

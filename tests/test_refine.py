@@ -55,7 +55,7 @@ def torsion_of(target):
     return labels
 
 
-def uniform_torsion_flow(target, seed=0, spread=1.0, marginals=0) -> TarFlow:
+def uniform_torsion_flow(target, seed=0, spread=1.0, **variant) -> TarFlow:
     """A flow fitted to frames with the right bonds and angles but a uniform torsion: equal basins.
 
     ``spread`` widens the bonds and angles beyond their thermal width: a poor start.
@@ -72,7 +72,7 @@ def uniform_torsion_flow(target, seed=0, spread=1.0, marginals=0) -> TarFlow:
     q[:, 1, 2] = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
     frames = zmatrix.to_cartesian(q, torch.zeros(n, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).expand(n, 3, 3))
     torch.manual_seed(seed)
-    flow = TarFlow(dataclasses.replace(TINY, marginals=marginals), target=target, std=0.1)
+    flow = TarFlow(dataclasses.replace(TINY, **variant), target=target, std=0.1)
     flow.representation.fit(frames)
     return flow
 
@@ -140,10 +140,10 @@ def test_tempering_exponent_keeps_the_requested_ess():
     assert refine_module.tempering_exponent(log_w, 0.99) == 0.0 and abs(ess(0.0) - 0.98) < 1e-12
 
 
-@pytest.mark.parametrize("marginals", [0, 4])
-def test_refinement_resumes_exactly(tmp_path, monkeypatch, marginals):
+@pytest.mark.parametrize("variant", [{}, {"marginals": 4}, {"spline_bins": 6}], ids=str)
+def test_refinement_resumes_exactly(tmp_path, monkeypatch, variant):
     target, _ = butane_like()
-    flow = uniform_torsion_flow(target, marginals=marginals)
+    flow = uniform_torsion_flow(target, **variant)
     frames = flow.sample(500, generator=torch.Generator().manual_seed(1))[0].double().numpy()
     # Tempered: the buffer's exponents travel in the checkpoint too.
     options = RefineOptions(steps=12, batch_size=64, lr=1e-3, data_weight=0.5, eval_every=4, eval_proposals=256,
@@ -168,7 +168,7 @@ def test_refinement_resumes_exactly(tmp_path, monkeypatch, marginals):
     assert untimed(TarFlow.load(tmp_path / "split.pt").metadata["refinement"]["history"]) == untimed(whole.metadata["refinement"]["history"])
     with pytest.raises(ValueError, match="finished flow"):
         refine(flow, target, options, data_positions=frames, checkpoint_path=tmp_path / "split.pt", progress=False)
-    # The refined flow (with its fixed Gaussianization, if any) is still an exact density.
+    # The refined flow (with its fixed Gaussianization or splines, if any) is still an exact density.
     refined = TarFlow.load(tmp_path / "split.pt", target=target).double()
     x, log_q = refined.sample(64, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(refined.log_prob(x), log_q, rtol=0, atol=1e-8)
@@ -243,15 +243,16 @@ def test_data_term_needs_data():
         refine(uniform_torsion_flow(target), target, RefineOptions(data_weight=0.5), progress=False)
 
 
-@pytest.mark.parametrize("objective", ["weighted-ml", "reverse-kl"])
-def test_a_refined_cartesian_flow_is_still_an_exact_density(objective, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective, spline_bins", [("weighted-ml", 0), ("reverse-kl", 0), ("reverse-kl", 5)])
+def test_a_refined_cartesian_flow_is_still_an_exact_density(objective, spline_bins, tmp_path, monkeypatch):
     target, _ = butane_like()
     # This untrained flow's ESS is 1/128 at every check, a tie the best-ESS selection resolves
     # to the starting weights; a later check ranking higher makes the checkpoint hold trained ones.
     evaluate = refine_module._Run.evaluate
     monkeypatch.setattr(refine_module._Run, "evaluate", lambda run: {**evaluate(run), "ess": run.step})
     torch.manual_seed(0)
-    flow = TarFlow(FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2, representation="cartesian"), target=target, std=0.1)
+    config = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2, representation="cartesian", spline_bins=spline_bins)
+    flow = TarFlow(config, target=target, std=0.1)
     frames = uniform_torsion_flow(target).sample(256, generator=torch.Generator().manual_seed(2))[0].double().numpy()
     options = RefineOptions(objective=objective, steps=6, batch_size=32, lr=1e-3, eval_every=3, eval_proposals=128,
                             proposals_per_refresh=128, refresh_every=3)

@@ -130,24 +130,28 @@ def test_cli_train_writes_flow_and_summary(tmp_path, ad2, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_cli_train_sizes_the_preset_with_width_blocks_and_marginals(tmp_path, ad2, capsys):
+def test_cli_train_sizes_the_preset_with_width_blocks_marginals_and_splines(tmp_path, ad2, capsys):
     data = md_file(tmp_path, ad2, 40)
     out = tmp_path / "flow.pt"
     argv = ["train", "ad2", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "8",
-            "--width", "32", "--blocks", "6", "--marginals", "3", "--no-progress"]
+            "--width", "32", "--blocks", "6", "--spline-bins", "4", "--marginals", "3", "--no-progress"]
     assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["spline_bins"] == 4
     flow = TarFlow.load(out, target=ad2)
     config = flow.config
     assert (config.width, config.n_blocks, config.layers_per_block, config.representation) == (32, 6, 2, "internal")
     assert config.marginals == 3 and flow.representation.gaussianize.loc.shape == (20, 3, 3)
-    capsys.readouterr()
+    assert config.spline_bins == 4 and flow.blocks[0].proj_out.out_features == 3 * (2 + 11)
     # A size that makes no flow is refused by name, before any training.
-    assert cli.main([*argv[:-7], "--width", "0", "--no-progress", "--overwrite"]) == 2
+    assert cli.main([*argv[:-9], "--width", "0", "--no-progress", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "width must be a positive integer" in err and "Traceback" not in err
-    assert cli.main([*argv[:-7], "--marginals", "2", "--representation", "cartesian", "--no-progress", "--overwrite"]) == 2
+    assert cli.main([*argv[:-9], "--marginals", "2", "--representation", "cartesian", "--no-progress", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "marginals" in err and "internal" in err and "Traceback" not in err
+    assert cli.main([*argv[:-9], "--spline-bins", "1", "--no-progress", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "spline_bins must be 0" in err and "Traceback" not in err
 
 
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):

@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="internal coordinates: Gaussianize each feature through a Gaussian mixture of this many components "
         "fitted to the training data, before the TarFlow blocks (default: the preset's; 0: none)",
     )
+    parser.add_argument(
+        "--spline-bins", type=int, default=None,
+        help="follow each block's affine map with a conditional rational-quadratic spline of this many bins, "
+        "so one block can model a multimodal conditional (default: the preset's; 0: affine blocks)",
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
     length.add_argument("--steps", type=int, default=None,
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     config = get_preset(args.preset)
     overrides = {
         "representation": args.representation, "width": args.width, "n_blocks": args.blocks, "marginals": args.marginals,
+        "spline_bins": args.spline_bins,
     }
     config = dataclasses.replace(config, **{field: value for field, value in overrides.items() if value is not None})
     options = TrainOptions(
@@ -156,6 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         "width": config.width,
         "blocks": config.n_blocks,
         "marginals": config.marginals,
+        "spline_bins": config.spline_bins,
         "parameters": sum(p.numel() for p in flow.parameters()),
         "n_train": record["n_train"],
         "n_val": record["n_val"],

@@ -1,12 +1,15 @@
-"""TarFlow: a normalizing flow of causal-transformer autoregressive affine blocks.
+"""TarFlow: a normalizing flow of causal-transformer autoregressive blocks.
 
 Each block maps a token sequence ``x`` to ``z`` by
 
     z_i = (x_i - b_i(x_<i)) * exp(-a_i(x_<i)),        log|det dz/dx| = -sum_i a_i,
 
 where a causal transformer reads tokens ``0..i-1`` and predicts the shift ``b_i`` and
-log-scale ``a_i`` of token ``i`` (token 0 passes unchanged). The forward direction is one
-parallel transformer pass; the inverse recovers tokens one at a time, feeding each into the
+log-scale ``a_i`` of token ``i`` (token 0 passes unchanged). With ``spline_bins > 0`` the
+transformer also predicts a monotone rational-quadratic spline ``s_i`` per channel
+(:mod:`openmm_sbg.flow.splines`) and ``z_i = s_i((x_i - b_i) * exp(-a_i))``, so that one block
+can give token ``i`` a multimodal conditional density. The forward direction is one parallel
+transformer pass; the inverse recovers tokens one at a time, feeding each into the
 transformer with a key/value cache. Blocks alternate identity / reversed token order so that
 every token is conditioned on every other one somewhere in the stack.
 """
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.splines import parameters_per_channel, rational_quadratic
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.representations import make_representation
 from openmm_sbg.flow.zmatrix import ZMatrix
@@ -28,6 +32,9 @@ from openmm_sbg.flow.zmatrix import ZMatrix
 #: Samples :meth:`TarFlow.sample` inverts at a time unless told otherwise; a caller that
 #: draws latents itself follows these chunks to consume the generator as ``sample`` does.
 SAMPLE_BATCH_SIZE = 4096
+#: Spline blocks act on ``[-SPLINE_BOUND, SPLINE_BOUND]`` of the affine-transformed token and
+#: are the identity outside; features are standardised, so this holds all but rare tails.
+SPLINE_BOUND = 5.0
 
 
 class KVCache:
@@ -89,7 +96,7 @@ class TransformerLayer(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 
-class AutoregressiveAffine(nn.Module):
+class AutoregressiveBlock(nn.Module):
     """One TarFlow block over ``tokens`` tokens of ``channels`` channels.
 
     Parameters
@@ -101,40 +108,59 @@ class AutoregressiveAffine(nn.Module):
     reverse
         Process tokens in reversed order (alternate blocks do, so each token is conditioned
         on all others somewhere in the stack).
+    spline_bins
+        0 for an affine block; otherwise the bins of the rational-quadratic spline that
+        follows the affine map of each channel.
     """
 
-    def __init__(self, tokens: int, channels: int, width: int, layers: int, heads: int, mlp_ratio: int, reverse: bool):
+    def __init__(
+        self, tokens: int, channels: int, width: int, layers: int, heads: int, mlp_ratio: int, reverse: bool, spline_bins: int = 0
+    ):
         super().__init__()
         self.reverse = reverse
         self.heads = heads
+        self.channels = channels
+        self.spline_bins = int(spline_bins)
         self.proj_in = nn.Linear(channels, width)
         # The last token conditions nothing, so the transformer only ever sees tokens-1 positions.
         self.position = nn.Parameter(torch.randn(tokens - 1, width) * 0.02)
         self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
-        self.proj_out = nn.Linear(width, 2 * channels)
-        # Zero-initialised output: every block starts as the identity, so training starts
-        # from the prior fitted to normalised data and the first updates are well behaved.
+        spline_parameters = parameters_per_channel(self.spline_bins) if self.spline_bins else 0
+        self.proj_out = nn.Linear(width, (2 + spline_parameters) * channels)
+        # Zero-initialised output: every block starts as the identity (a zero spline is one
+        # too), so training starts from the prior fitted to normalised data and the first
+        # updates are well behaved.
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def _shift_and_log_scale(self, x: torch.Tensor, caches: list[KVCache] | None = None, position: int = 0):
-        """Transformer outputs for inputs at ``position..``: the parameters of the next tokens."""
+    def _token_maps(self, x: torch.Tensor, caches: list[KVCache] | None = None, position: int = 0):
+        """Transformer outputs for inputs at ``position..``: shift, log-scale and spline parameters
+        (``None`` for an affine block) of the next tokens."""
         h = self.proj_in(x) + self.position[position : position + x.shape[1]]
         for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
             h = layer(h, cache)
-        log_scale, shift = self.proj_out(self.norm(h)).chunk(2, dim=-1)
-        return shift, log_scale
+        out = self.proj_out(self.norm(h))
+        if not self.spline_bins:
+            log_scale, shift = out.chunk(2, dim=-1)
+            return shift, log_scale, None
+        out = out.view(*out.shape[:-1], self.channels, -1)
+        return out[..., 1], out[..., 0], out[..., 2:]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, T, C]`` -> ``(z, log|det dz/dx|)``."""
         if self.reverse:
             x = x.flip(1)
-        shift, log_scale = self._shift_and_log_scale(x[:, :-1])
-        z = torch.cat([x[:, :1], (x[:, 1:] - shift) * torch.exp(-log_scale)], dim=1)
+        shift, log_scale, spline = self._token_maps(x[:, :-1])
+        moved = (x[:, 1:] - shift) * torch.exp(-log_scale)
+        log_det = -log_scale.sum(dim=(1, 2))
+        if spline is not None:
+            moved, spline_log_det = rational_quadratic(moved, spline, SPLINE_BOUND)
+            log_det = log_det + spline_log_det.sum(dim=(1, 2))
+        z = torch.cat([x[:, :1], moved], dim=1)
         if self.reverse:
             z = z.flip(1)
-        return z, -log_scale.sum(dim=(1, 2))
+        return z, log_det
 
     def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` ``[B, T, C]`` -> ``(x, log|det dx/dz|)``, one token at a time with a KV cache."""
@@ -145,8 +171,12 @@ class AutoregressiveAffine(nn.Module):
         x = [z[:, :1]]
         log_det = z.new_zeros(batch)
         for i in range(1, tokens):
-            shift, log_scale = self._shift_and_log_scale(x[-1], caches, position=i - 1)
-            x.append(z[:, i : i + 1] * torch.exp(log_scale) + shift)
+            shift, log_scale, spline = self._token_maps(x[-1], caches, position=i - 1)
+            token = z[:, i : i + 1]
+            if spline is not None:
+                token, spline_log_det = rational_quadratic(token, spline, SPLINE_BOUND, inverse=True)
+                log_det = log_det + spline_log_det.sum(dim=(1, 2))
+            x.append(token * torch.exp(log_scale) + shift)
             log_det = log_det + log_scale.sum(dim=(1, 2))
         x = torch.cat(x, dim=1)
         if self.reverse:
@@ -228,7 +258,9 @@ class TarFlow(nn.Module):
         self._token_shape = self.representation.token_shape(cfg.tokens)
         tokens, channels = self._token_shape
         self.blocks = nn.ModuleList(
-            AutoregressiveAffine(tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio, reverse=i % 2 == 1)
+            AutoregressiveBlock(
+                tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio, reverse=i % 2 == 1, spline_bins=cfg.spline_bins
+            )
             for i in range(cfg.n_blocks)
         )
 

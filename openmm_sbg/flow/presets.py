@@ -17,7 +17,7 @@ class FlowConfig:
     width
         Transformer width (model dimension).
     n_blocks
-        Number of autoregressive affine blocks; they alternate identity / reversed token order.
+        Number of autoregressive blocks; they alternate identity / reversed token order.
     layers_per_block
         Causal transformer layers inside each block.
     heads
@@ -36,6 +36,11 @@ class FlowConfig:
         ``internal`` only: Gaussian-mixture components of the fixed per-feature Gaussianization
         fitted to the training data (:mod:`openmm_sbg.flow.marginals`); 0 (the default, and
         every checkpoint written before it existed) for none.
+    spline_bins
+        0 (the default, and every checkpoint written before it existed): affine blocks, as in
+        the paper. ``K >= 2``: each block follows its affine map with a conditional monotone
+        rational-quadratic spline of ``K`` bins per channel (:mod:`openmm_sbg.flow.splines`),
+        which can make a token's conditional density multimodal.
     """
 
     width: int = 256
@@ -46,6 +51,7 @@ class FlowConfig:
     mlp_ratio: int = 4
     representation: str = "cartesian"
     marginals: int = 0
+    spline_bins: int = 0
 
     def __post_init__(self):
         if self.tokens not in TOKEN_LAYOUTS:
@@ -59,6 +65,8 @@ class FlowConfig:
             raise ValueError(f"marginals must be a non-negative number of mixture components, got {self.marginals!r}")
         if self.marginals and self.representation != "internal":
             raise ValueError("marginals (per-feature Gaussianization) needs representation='internal'")
+        if int(self.spline_bins) < 0 or int(self.spline_bins) == 1:
+            raise ValueError(f"spline_bins must be 0 (affine blocks) or at least 2, got {self.spline_bins!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
