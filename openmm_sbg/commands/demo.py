@@ -17,9 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-particles", type=int, default=500, help="particles (default 500)")
     parser.add_argument("--n-steps", type=int, default=100, help="SMC annealing steps (default 100)")
     parser.add_argument("--n-mcmc-steps", type=int, default=1, help="MALA moves per annealing step (default 1)")
-    parser.add_argument("--flow", default="ad2-refined",
-                        help="an alanine-dipeptide flow: shipped name or checkpoint (default ad2-refined, the shipped ad2 "
-                             "flow after 30 min of refinement with the energy; `ad2` is the maximum-likelihood one)")
+    parser.add_argument("--flow", default="ad2-spline-refined",
+                        help="an alanine-dipeptide flow: shipped name or checkpoint (default ad2-spline-refined, the shipped "
+                             "spline flow after 30 min of refinement with the energy; `ad2-spline` is its maximum-likelihood "
+                             "start, `ad2` and `ad2-refined` the affine ones)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
