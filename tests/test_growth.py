@@ -16,11 +16,11 @@ def trained_looking(flow: TarFlow) -> TarFlow:
     return flow
 
 
-@pytest.mark.parametrize("representation", ["internal", "cartesian"])
+@pytest.mark.parametrize("representation", ["internal", "cartesian", "internal-spline"])
 def test_identity_blocks_keep_the_density_exactly(representation):
     target, _ = butane_like()
-    if representation == "internal":
-        flow = uniform_torsion_flow(target)
+    if representation.startswith("internal"):
+        flow = uniform_torsion_flow(target, spline_bins=4 if representation.endswith("spline") else 0)
     else:
         torch.manual_seed(0)
         flow = TarFlow(FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=2), target=target, std=0.1)
@@ -29,6 +29,7 @@ def test_identity_blocks_keep_the_density_exactly(representation):
     assert grown.config.n_blocks == flow.config.n_blocks + 3 and len(grown.blocks) == len(flow.blocks) + 3
     assert [block.reverse for block in grown.blocks] == [i % 2 == 1 for i in range(len(grown.blocks))]
     assert grown.metadata["grown"] == {"from_blocks": 2, "added_blocks": 3}
+    assert all(block.spline_bins == flow.config.spline_bins for block in grown.blocks)
     x, log_q = flow.sample(64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(grown.log_prob(x), log_q, rtol=0, atol=1e-10)
     latents = flow.draw_latents(16, torch.Generator().manual_seed(2))
