@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmm_sbg.flow import checkpoint
-from openmm_sbg.flow.splines import parameters_per_channel, rational_quadratic
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.representations import make_representation
+from openmm_sbg.flow.splines import parameters_per_channel, rational_quadratic
 from openmm_sbg.flow.zmatrix import ZMatrix
 
 #: Samples :meth:`TarFlow.sample` inverts at a time unless told otherwise; a caller that
