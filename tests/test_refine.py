@@ -281,10 +281,16 @@ def test_train_refine_command_writes_a_refined_flow_and_its_record(tmp_path, cap
     assert refined.metadata["refinement"]["complete"] and refined.metadata["refinement"]["options"]["objective"] == "weighted-ml"
     # Without the data term no data shaped the flow, so the record names none.
     assert refined.metadata["refinement"]["provenance"] == {"started_from": "ad2", "data": [], "added_blocks": 0}
+    # A data term needs --data, and says so; without one, --data is not needed.
+    no_data = [arg for arg in argv if arg not in ("--data", shipped.reference_path("ad2"))]
+    assert cli.main(no_data) == 2
+    assert "give --data" in capsys.readouterr().err
+    assert cli.main(["train", "ad2", "--out", str(tmp_path / "flow.pt")]) == 2
+    assert "train needs --data" in capsys.readouterr().err
     # --add-blocks grows the flow before refining it; the checkpoint is the grown flow.
     grown_out = tmp_path / "grown.pt"
-    argv[argv.index(str(out))] = str(grown_out)
-    assert cli.main([*argv, "--data-weight", "0", "--add-blocks", "2"]) == 0
+    no_data[no_data.index(str(out))] = str(grown_out)
+    assert cli.main([*no_data, "--data-weight", "0", "--add-blocks", "2"]) == 0
     grown = TarFlow.load(grown_out)
     assert grown.config.n_blocks == TarFlow.load("ad2").config.n_blocks + 2
     assert grown.metadata["grown"]["added_blocks"] == 2 and grown.metadata["refinement"]["provenance"]["added_blocks"] == 2

@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults, refine_defaults = TrainOptions(), RefineOptions()
     add_system_arguments(parser)
     parser.add_argument(
-        "--data", required=True, nargs="+",
-        help="MD trajectories: `openmm-sbg md` files, or any files mdtraj reads (several are concatenated)",
+        "--data", nargs="+", default=None,
+        help="MD trajectories: `openmm-sbg md` files, or any files mdtraj reads (several are concatenated); "
+        "required, except for --refine with --data-weight 0 (the energy alone)",
     )
     parser.add_argument("--out", required=True, help="flow checkpoint to write (.pt); updated after every epoch")
     parser.add_argument(
@@ -117,6 +118,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.refine is not None:
         return _refine(args)
+    if args.data is None:
+        raise ValueError("train needs --data: the MD trajectories to fit (`openmm-sbg md` files or any files mdtraj reads)")
     target = target_from_args(args)
     from openmm_sbg.data import training_frames
 
@@ -216,6 +219,9 @@ def _refine(args: argparse.Namespace) -> dict:
         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
         seed=args.seed,
     )
+    if options.data_weight > 0 and args.data is None:
+        raise ValueError(f"--data-weight {options.data_weight:g} mixes in the MD data's likelihood: give --data "
+                         "(the frames the flow was trained on), or --data-weight 0 to refine with the energy alone")
     data_positions = training_frames(args.data, target)[0] if options.data_weight > 0 else None
     try:
         states = populations.backbone_state_labeller(target.topology)
