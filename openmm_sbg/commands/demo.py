@@ -17,10 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-particles", type=int, default=500, help="particles (default 500)")
     parser.add_argument("--n-steps", type=int, default=100, help="SMC annealing steps (default 100)")
     parser.add_argument("--n-mcmc-steps", type=int, default=1, help="MALA moves per annealing step (default 1)")
-    parser.add_argument("--flow", default="ad2-spline-refined",
-                        help="an alanine-dipeptide flow: shipped name or checkpoint (default ad2-spline-refined, the shipped "
-                             "spline flow after 30 min of refinement with the energy; `ad2-spline` is its maximum-likelihood "
-                             "start, `ad2` and `ad2-refined` the affine ones)")
+    parser.add_argument("--flow", default="ad2-spline-125ns-refined",
+                        help="an alanine-dipeptide flow: shipped name or checkpoint (default ad2-spline-125ns-refined, the shipped "
+                             "spline flow on 125 ns of MD after 30 min of refinement with the energy alone; `ad2-spline-125ns` "
+                             "is its maximum-likelihood start, `ad2-spline-refined` the 45 ns one, `ad2` and `ad2-refined` "
+                             "the affine ones)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
