@@ -445,7 +445,9 @@ class TarFlow(nn.Module):
         flow.target_identity = identity
         flow.metadata = dict(payload["metadata"])
         try:
-            flow.load_state_dict(weights)
+            # assign: every tensor keeps the dtype it was saved in (a float32 flow's float64-by-default
+            # marginal buffers stay float32), so a loaded flow computes exactly what the saved one did.
+            flow.load_state_dict(weights, assign=True)
         except RuntimeError as err:
             raise ValueError(f"flow checkpoint {source} does not match its own configuration: {err}") from None
         return flow.eval()
