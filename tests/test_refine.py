@@ -1,5 +1,6 @@
 """Energy-aware refinement: a toy with a known answer (three torsion basins), exact resume, guards."""
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -326,3 +327,27 @@ def test_data_weight_one_trains_on_the_data_alone(monkeypatch):
     refined = refine(flow, target, options, data_positions=frames, progress=False)
     assert refined.metadata["refinement"]["steps"] == 4
     assert any(not torch.equal(a, b) for a, b in zip(refined.state_dict().values(), flow.state_dict().values()))
+
+
+@pytest.mark.parametrize("select_best, selected", [(True, 5), (False, 15)])
+def test_refinement_keeps_the_best_or_the_last_weights(monkeypatch, select_best, selected):
+    target, _ = butane_like()
+    estimates = iter([0.4, 0.5, 0.45, 0.3])  # best at step 5, last at step 15
+
+    def evaluate(run):
+        return {"step": run.step, "seconds": run.seconds, "ess": next(estimates)}
+
+    monkeypatch.setattr(refine_module._Run, "evaluate", evaluate)
+    options = RefineOptions(steps=15, batch_size=16, eval_every=5, proposals_per_refresh=64, data_weight=0.0,
+                            ess_floor=0.0, select_best=select_best)
+    snapshots, record = {}, refine_module._Run.record
+
+    def record_and_snapshot(run, entry):
+        record(run, entry)
+        snapshots[entry["step"]] = copy.deepcopy(run.ema.state_dict())
+
+    monkeypatch.setattr(refine_module._Run, "record", record_and_snapshot)
+    refined = refine(uniform_torsion_flow(target), target, options, progress=False)
+    assert refined.metadata["refinement"]["selected_step"] == selected
+    assert all(torch.equal(refined.state_dict()[key], value) for key, value in snapshots[selected].items())
+    assert not all(torch.equal(refined.state_dict()[key], value) for key, value in snapshots[0].items())

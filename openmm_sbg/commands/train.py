@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--keep-last", action="store_true",
-        help="save the last EMA weights instead of those of the epoch with the lowest validation NLL",
+        help="save the last EMA weights instead of those of the epoch with the lowest validation NLL "
+             "(--refine: of the evaluation with the highest ESS)",
     )
     refine = parser.add_argument_group(
         "refinement with the energy (--refine): continue from a trained flow towards the force field's Boltzmann "
@@ -218,6 +219,7 @@ def _refine(args: argparse.Namespace) -> dict:
         eval_proposals=args.eval_proposals,
         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
         seed=args.seed,
+        select_best=not args.keep_last,
     )
     if options.data_weight > 0 and args.data is None:
         raise ValueError(f"--data-weight {options.data_weight:g} mixes in the MD data's likelihood: give --data "

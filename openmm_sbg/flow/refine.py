@@ -113,6 +113,10 @@ class RefineOptions:
     spent). Runs stopped by time are not bit-reproducible; step counts are."""
     seed: int = 0
     """Seed of every random draw."""
+    select_best: bool = True
+    """Keep the EMA weights of the evaluation with the highest ESS; False keeps the last ones. The ESS of
+    proposals sees only the states the flow proposes, so a refinement that teaches the flow a state it
+    missed (a data term holding a rare basin) can lower it while making the flow right: keep the last."""
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -454,7 +458,10 @@ class _Run:
         self.buffer = list(state["buffer"])
 
     def finish(self, checkpoint_path) -> TarFlow:
-        self.ema.load_state_dict(self.best[2])
+        if self.options.select_best:
+            self.ema.load_state_dict(self.best[2])
+        else:
+            self.best = (self.history[-1]["ess"], self.history[-1]["step"], None)
         payload = self.payload(complete=True)
         if checkpoint_path is not None and self.processes.writes_checkpoints:
             checkpoint.write_checkpoint(checkpoint_path, payload)
