@@ -39,7 +39,8 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
             if err.name != f"openmm_sbg.commands.{name}":
                 raise
             continue  # a subcommand whose module is not part of this build
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP, epilog=getattr(module, "EPILOG", None),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(command)
         command.add_argument("--summary", metavar="PATH", help="also write the JSON summary to PATH")
         command.set_defaults(_module=module)

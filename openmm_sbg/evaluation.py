@@ -71,12 +71,16 @@ def evaluate(samples, reference_path: str, plots: str | None = None, all_frames:
 
 
 def independent_samples(samples) -> bool:
-    """Whether a result holds independent weighted proposals: importance sampling set never to resample.
+    """Whether a result holds independent weighted proposals: importance sampling that kept its weights.
 
-    (At ``t = 1`` the sampler resamples when asked to, or when the ESS falls below the threshold.)
+    (Importance sampling resamples only when asked to, ``resample_at_end``; files written
+    before that rule resampled below ``resample_threshold`` too, so those count only with a
+    threshold of 0.)
     """
     info = samples.info
-    return info.get("n_steps") == 0 and info.get("resample_at_end") is False and info.get("resample_threshold", 1) <= 0
+    if info.get("n_steps") != 0 or info.get("resample_at_end") is not False:
+        return False
+    return samples.ess_since_last_resampling is not None or info.get("resample_threshold", 1) <= 0
 
 
 def state_summary(samples, reference, log_weights, independent: bool) -> dict | None:

@@ -18,6 +18,8 @@ def sample(target, flow, out: str, seed: int = 0, restart: bool = False, **optio
     """
     from openmm_sbg import distributed, metrics
     from openmm_sbg.smc import SMCSampler
+    from openmm_sbg.smc.proposal import log_z_convention
+    from openmm_sbg.smc.result import ESS_DEFINITION
 
     if os.path.splitext(out)[1].lower() not in (".h5", ".hdf5"):
         raise ValueError(f"--out must be an HDF5 file ending in .h5, got {out!r}")
@@ -42,8 +44,13 @@ def sample(target, flow, out: str, seed: int = 0, restart: bool = False, **optio
         "n_steps": len(diagnostics["t"]),
         "resumed": resuming,
         "log_z": result.log_z,
+        "log_z_convention": log_z_convention(result.info["com_adjustment"], getattr(flow, "com_std", None)),
+        "com_adjustment": result.info["com_adjustment"],
+        "clip_fraction": result.info["clip_fraction"],
         "ess": result.ess,
+        "ess_definition": ESS_DEFINITION,
         "ess_proposals": result.info["ess_proposals"],
+        "ess_since_last_resampling": result.ess_since_last_resampling,
         "pareto_k_proposals": result.info["pareto_k_proposals"],
         "n_proposals": result.info["n_proposals"],
         "n_kept_by_filters": result.info["n_kept"],

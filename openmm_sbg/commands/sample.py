@@ -8,6 +8,17 @@ from openmm_sbg.commands.common import add_system_arguments, target_from_args
 
 HELP = "draw weighted equilibrium samples with a trained flow and SMC; rerun the same command to resume"
 
+EPILOG = """\
+The summary's "ess" says how good the run was: the normalised Kish ESS (sum w)^2 / (K sum w^2)
+of the proposals' weights for importance sampling (--n-steps 0), and for SMC the smallest ESS
+the weights reached at any annealing step before a resampling (t = 1 included).
+"ess_since_last_resampling" is the ESS of the weights at t = 1 only. By default
+(--com-adjustment auto) an internal-coordinate flow gets exact weights (Gaussian CoM
+adjustment, nothing clipped) and a Cartesian flow the paper's protocol (chi3, 0.2% clipped).
+"log_z" estimates log of the integral of exp(-U/kT) rho(CoM) over the Cartesian coordinates
+in nm; "log_z_convention" says which rho.
+"""
+
 
 #: Where the command's defaults differ from the library's (SMCOptions): a run size to start
 #: from, and Metropolis-adjusted moves, since the unadjusted ones the paper (and the library)
@@ -43,17 +54,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("--schedule", "annealing schedule", choices=["linear", "adaptive"])
     option("--target-cess", "conditional ESS per step for --schedule adaptive", type=float)
     option("--resampling", "resampling scheme", choices=list(RESAMPLERS))
-    option("--resample-threshold", "resample when the normalised ESS drops below this", type=float)
-    parser.add_argument("--no-final-resample", dest="resample_at_end", action="store_false", help="keep weighted particles at t = 1")
+    option("--resample-threshold", "during annealing, resample when the normalised ESS drops below this "
+           "(importance sampling ignores it)", type=float)
+    parser.add_argument("--no-final-resample", dest="resample_at_end", action="store_false",
+                        help="keep weighted particles at t = 1 (with --n-steps 0: the independent proposals and their weights)")
     option("--energy-cutoff", "drop proposals above this energy in kT", type=float)
-    option("--clip-fraction", "drop this fraction of the largest log-weights", type=float)
-    option("--com-adjustment", "centre-of-mass adjustment of the proposal density", choices=list(COM_ADJUSTMENTS))
+    parser.add_argument("--clip-fraction", type=_clip_fraction, default=None, metavar="FRACTION|auto",
+                        help="drop this fraction of the largest log-weights (default auto: 0.002, the paper's, with "
+                             "--com-adjustment chi3, else 0)")
+    parser.add_argument("--com-adjustment", default="auto", choices=["auto", *COM_ADJUSTMENTS],
+                        help="centre-of-mass density in the weights (default auto: gaussian, exact, for an internal-"
+                             "coordinate flow; chi3, the paper's, for a Cartesian one)")
     option("--batch-size", "particles per flow / force-field evaluation", type=int)
     option("--checkpoint-every", "steps between checkpoints (OUT.ckpt)", type=int)
     parser.add_argument("--restart", action="store_true", help="ignore an existing OUT.ckpt and start afresh")
     parser.add_argument("--device", default="cpu", help="torch device of the flow (cpu, cuda, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _clip_fraction(text: str) -> float | None:
+    return None if text == "auto" else float(text)
 
 
 def run(args: argparse.Namespace) -> dict:

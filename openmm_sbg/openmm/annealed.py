@@ -26,15 +26,13 @@ from openmmtools import states
 
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.openmm.flow_force import create_flow_force, resolve_flow
-from openmm_sbg.smc.proposal import COM_ADJUSTMENTS, DEFAULT_COM_ADJUSTMENT
+from openmm_sbg.smc.proposal import COM_ADJUSTMENTS, DEFAULT_COM_ADJUSTMENT, resolve_com_adjustment
 
 #: Name of the global parameter that moves the System along the path.
 LAMBDA = "lambda_sbg"
 
 
-def com_restraint_force(
-    n_atoms: int, com_std: float, kT: float, kind: str = DEFAULT_COM_ADJUSTMENT
-) -> openmm.CustomCentroidBondForce:
+def com_restraint_force(n_atoms: int, com_std: float, kT: float, kind: str) -> openmm.CustomCentroidBondForce:
     """``E_com = -kT log rho(c)`` kJ/mol of the unweighted mean ``c`` of all positions (``kT`` in kJ/mol).
 
     The same function as :func:`openmm_sbg.smc.proposal.com_log_density` (constants
@@ -72,8 +70,9 @@ def create_annealed_system(
         keeps the serialised System small).
     com_adjustment
         The CoM term on the target side, as in :class:`~openmm_sbg.SMCSampler` (use the
-        sampler's value): ``"chi3"`` (its default), ``"gaussian"``, or ``"none"`` for the
-        bare ``(1 - lambda) E_flow + lambda E_ff``.
+        sampler's value): ``"auto"`` (the default of both: ``"gaussian"`` for a flow with an
+        analytic Gaussian centre, ``"chi3"`` otherwise), ``"chi3"``, ``"gaussian"``, or
+        ``"none"`` for the bare ``(1 - lambda) E_flow + lambda E_ff``.
     lambda_sbg
         Default value of the global parameter in new Contexts.
 
@@ -84,11 +83,12 @@ def create_annealed_system(
         ``CustomCVForce`` with collective variables ``flow``, ``ff0``, ``ff1``, ... (the
         target's forces) and, with a CoM adjustment, ``com``.
     """
-    if com_adjustment not in COM_ADJUSTMENTS:
-        raise ValueError(f"com_adjustment must be one of {COM_ADJUSTMENTS}, got {com_adjustment!r}")
+    if com_adjustment != "auto" and com_adjustment not in COM_ADJUSTMENTS:
+        raise ValueError(f"com_adjustment must be 'auto' or one of {COM_ADJUSTMENTS}, got {com_adjustment!r}")
     if not 0.0 <= lambda_sbg <= 1.0:
         raise ValueError(f"lambda_sbg must lie in [0, 1], got {lambda_sbg}")
     flow_model, flow_path = resolve_flow(flow)
+    com_adjustment = resolve_com_adjustment(com_adjustment, flow_model)
     if flow_model.n_atoms != target.n_atoms:
         raise ValueError(f"the flow models {flow_model.n_atoms} atoms but the target has {target.n_atoms}")
     system = openmm.System()

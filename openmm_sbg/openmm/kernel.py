@@ -31,7 +31,8 @@ from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.openmm.annealed import create_annealed_state
 from openmm_sbg.smc.kernels import KernelInfo, PathState, Potential
-from openmm_sbg.smc.proposal import DEFAULT_COM_ADJUSTMENT
+from openmm_sbg.openmm.flow_force import resolve_flow
+from openmm_sbg.smc.proposal import DEFAULT_COM_ADJUSTMENT, resolve_com_adjustment
 
 
 def default_move() -> mcmc.LangevinDynamicsMove:
@@ -62,8 +63,9 @@ class OpenMMMoveKernel:
         :func:`default_move` if ``None``. Moves reporting ``n_accepted``/``n_proposed``
         (GHMC, Metropolized moves) feed the sampler's acceptance diagnostics.
     com_adjustment
-        Must equal the sampler's ``com_adjustment`` (default ``"chi3"`` for both), so that
-        the annealed System's energy is the sampler's ``E_t``; checked on the first call.
+        Must equal the sampler's ``com_adjustment`` (default ``"auto"`` for both, which
+        resolves the same way for the same flow), so that the annealed System's energy is
+        the sampler's ``E_t``; checked on the first call.
     platform
         OpenMM platform name (``"CUDA"``, ``"CPU"``, ``"Reference"``); ``None``: the fastest.
 
@@ -86,7 +88,7 @@ class OpenMMMoveKernel:
         self.move = default_move() if move is None else move
         self.platform = platform
         self.context_cache = cache.ContextCache(platform=platform_by_name(platform))
-        self.com_adjustment = com_adjustment
+        self.com_adjustment = resolve_com_adjustment(com_adjustment, resolve_flow(flow)[0])
         self._checked = False
 
     def __call__(

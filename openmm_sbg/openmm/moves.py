@@ -22,10 +22,12 @@ Steps 1-2 leave the Boltzmann distribution of ``y`` invariant whatever the input
 step 3 means the move never changes the CoM, so it composes exactly with any other move
 (Langevin dynamics lets the CoM diffuse freely) and the flow is only ever evaluated near the
 CoMs it was trained on. The default ``rho`` is the package's one,
-:data:`~openmm_sbg.smc.proposal.DEFAULT_COM_ADJUSTMENT` (``"chi3"``, as in
-:class:`~openmm_sbg.SMCSampler`, so the move and the sampler weight the same density).
-``"gaussian"``, ``N(0, com_std^2 I)``, the CoM distribution the flow was trained with, is
-also exact and accepts more often: ``w`` then barely depends on ``c``.
+:data:`~openmm_sbg.smc.proposal.DEFAULT_COM_ADJUSTMENT` (``"auto"``, as in
+:class:`~openmm_sbg.SMCSampler`, so the move and the sampler weight the same density):
+``"gaussian"``, ``N(0, com_std^2 I)``, the CoM distribution the flow was trained with, for a
+flow with an analytic Gaussian centre (internal coordinates), where ``w`` then does not
+depend on ``c`` at all; ``"chi3"`` (the paper's) for other flows. Both are exact; the
+Gaussian one accepts more often.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ from openmmtools import cache, mcmc, states
 
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.openmm.flow_force import load_shared, resolve_flow
-from openmm_sbg.smc.proposal import DEFAULT_COM_ADJUSTMENT, com_log_density, module_dtype_device
+from openmm_sbg.smc.proposal import (
+    DEFAULT_COM_ADJUSTMENT,
+    com_log_density,
+    module_dtype_device,
+    resolve_com_adjustment,
+)
 
 MOVE_COM_ADJUSTMENTS = ("gaussian", "chi3")
 
@@ -78,8 +85,9 @@ class FlowIndependenceMove(mcmc.MCMCMove):
     n_attempts
         Independence MH steps per :meth:`apply`; their proposals are drawn in one batch.
     com_adjustment
-        CoM density ``rho``: ``"chi3"`` (default, the sampler's) or ``"gaussian"`` (higher
-        acceptance); see the module docstring.
+        CoM density ``rho``: ``"auto"`` (default, the sampler's: ``"gaussian"`` for a flow
+        with an analytic Gaussian centre, ``"chi3"`` otherwise), ``"chi3"`` or
+        ``"gaussian"`` (higher acceptance); see the module docstring.
 
     Attributes
     ----------
@@ -93,14 +101,14 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         super().__init__()
         if n_attempts < 1:
             raise ValueError(f"n_attempts must be at least 1, got {n_attempts}")
-        if com_adjustment not in MOVE_COM_ADJUSTMENTS:
+        if com_adjustment != "auto" and com_adjustment not in MOVE_COM_ADJUSTMENTS:
             raise ValueError(
-                f"com_adjustment must be one of {MOVE_COM_ADJUSTMENTS} (the move needs a proper CoM density), "
+                f"com_adjustment must be 'auto' or one of {MOVE_COM_ADJUSTMENTS} (the move needs a proper CoM density), "
                 f"got {com_adjustment!r}"
             )
         self.flow, self.checkpoint_path = resolve_flow(flow)
         self.n_attempts = n_attempts
-        self.com_adjustment = com_adjustment
+        self.com_adjustment = resolve_com_adjustment(com_adjustment, self.flow)
         self.n_accepted = 0
         self.n_proposed = 0
 

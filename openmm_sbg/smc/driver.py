@@ -36,9 +36,16 @@ class SMCSampler:
     those above ``energy_cutoff`` and the top ``clip_fraction`` of log-weights, then anneals
     along ``E_t = (1 - t) E_S + t E_T``: at each step the weights gain
     ``-(t_{k+1} - t_k)(E_T - E_S)(x)``, the population is resampled when its normalised
-    ESS falls below ``resample_threshold`` (and at ``t = 1`` if ``resample_at_end``), and
-    every particle takes ``n_mcmc_steps`` Langevin moves at the new ``t``. With
-    ``n_steps=0`` it is plain importance sampling.
+    ESS falls below ``resample_threshold`` (before ``t = 1``; at ``t = 1`` if and only if
+    ``resample_at_end``), and every particle takes ``n_mcmc_steps`` Langevin moves at the
+    new ``t``. With ``n_steps=0`` it is plain importance sampling: the proposals keep their
+    weights unless ``resample_at_end``.
+
+    By default (``com_adjustment="auto"``, ``clip_fraction=None``) a flow with an analytic
+    Gaussian centre (an internal-coordinate TarFlow) gets exact weights (the Gaussian CoM
+    adjustment, nothing clipped) and any other flow the paper's protocol (chi3, 0.2%
+    clipped); :attr:`options` holds the resolved values. The run's quality is
+    :attr:`SMCResult.ess <openmm_sbg.smc.SMCResult.ess>`.
 
     Parameters
     ----------
@@ -57,7 +64,7 @@ class SMCSampler:
     """
 
     def __init__(self, target, flow: Proposal, n_particles: int, n_steps: int, **options):
-        self.options = SMCOptions(n_particles, n_steps, **options)
+        self.options = SMCOptions(n_particles, n_steps, **options).resolved(flow)
         flow_atoms = getattr(flow, "n_atoms", target.n_atoms)
         if flow_atoms != target.n_atoms:
             raise ValueError(
@@ -192,14 +199,16 @@ class SMCSampler:
         )
 
     def _maybe_resample(self, run: SMCRun, final: bool, generator: torch.Generator | None = None) -> bool:
-        """Resample ``run`` if its ESS is below the threshold (or ``final`` and resample_at_end)."""
+        """Resample ``run`` at ``t = 1`` (``final``) if resample_at_end, before it if its ESS is below the threshold."""
         ess = normalised_ess(run.log_w)
         if final:
             # The weights at t = 1 are final here: a later move that lands a particle on a
             # non-finite energy zeroes its weight but must not change these.
             run.final_ess = ess
             run.final_log_z = run.log_z_offset + log_mean_weight(run.log_w, run.n_norm)
-        if not (ess < self.options.resample_threshold or (final and self.options.resample_at_end)):
+            if not self.options.resample_at_end:
+                return False  # weighted particles (importance sampling: independent proposals) asked for
+        elif not ess < self.options.resample_threshold:
             return False
         owns_generator = generator is None
         if owns_generator:
@@ -300,11 +309,19 @@ class SMCSampler:
             log_weights=run.log_w.numpy().copy(),
             energies=self.physical_energy(state).numpy(),
             log_z=run.final_log_z,
-            ess=run.final_ess,
+            ess=self._run_ess(run),
+            ess_since_last_resampling=run.final_ess,
             diagnostics=diagnostics,
             topology=getattr(self.target, "topology", None),
             info=info,
         )
+
+    def _run_ess(self, run: SMCRun) -> float:
+        """The run's ESS (see :attr:`SMCResult.ess`): the proposals' for importance sampling,
+        else the smallest ESS the weights reached at any step, before any resampling."""
+        if self.importance_sampling:
+            return run.final_ess
+        return float(min(run.diagnostics["ess"]))
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, run: SMCRun) -> None:

@@ -6,7 +6,12 @@ import dataclasses
 import os
 
 from openmm_sbg.smc.kernels import Kernel
-from openmm_sbg.smc.proposal import COM_ADJUSTMENTS, DEFAULT_COM_ADJUSTMENT
+from openmm_sbg.smc.proposal import (
+    COM_ADJUSTMENTS,
+    DEFAULT_COM_ADJUSTMENT,
+    resolve_clip_fraction,
+    resolve_com_adjustment,
+)
 from openmm_sbg.smc.resampling import Resampler
 from openmm_sbg.smc.schedules import Schedule
 
@@ -44,16 +49,24 @@ class SMCOptions:
     resampling
         ``"systematic"``, ``"multinomial"`` or a function ``(log_w, n, generator) -> indices``.
     resample_threshold
-        Resample when the normalised ESS falls below this (0: only at the end).
+        Resample when the normalised ESS falls below this during annealing (0: never before
+        ``t = 1``). Importance sampling (``n_steps=0``) ignores it.
     resample_at_end
-        Resample at ``t = 1`` so the output particles are equally weighted.
+        Resample at ``t = 1`` so the output particles are equally weighted; ``False`` keeps
+        the weighted particles (for importance sampling: the independent proposals with
+        their weights).
     energy_cutoff
         Drop proposals whose target energy exceeds this many kT (``None``: keep all
         finite). Clashing proposals otherwise produce huge forces in the Langevin moves.
     clip_fraction
-        Fraction of proposals with the largest log-weights to drop (the paper's 0.2%).
+        Fraction of proposals with the largest log-weights to drop; ``None`` (default): the
+        protocol's, the paper's 0.2% with ``com_adjustment="chi3"`` and 0 (exact weights)
+        otherwise.
     com_adjustment
-        ``"chi3"`` (the paper's), ``"gaussian"`` or ``"none"``; see :mod:`openmm_sbg.smc.proposal`.
+        ``"auto"`` (default: ``"gaussian"``, exact weights, for a flow with an analytic
+        Gaussian centre such as an internal-coordinate TarFlow; ``"chi3"``, the paper's, for
+        other flows), ``"chi3"``, ``"gaussian"`` or ``"none"``; see
+        :mod:`openmm_sbg.smc.proposal`, which also states what log Z then estimates.
     adapt_step_size
         For MALA, adapt ``h`` after each step towards ``target_acceptance``.
     target_acceptance
@@ -80,7 +93,7 @@ class SMCOptions:
     resample_threshold: float = 0.5
     resample_at_end: bool = True
     energy_cutoff: float | None = None
-    clip_fraction: float = 0.002
+    clip_fraction: float | None = None
     com_adjustment: str = DEFAULT_COM_ADJUSTMENT
     adapt_step_size: bool = True
     target_acceptance: float = 0.574
@@ -104,10 +117,18 @@ class SMCOptions:
             )
         if not self.step_size > 0:
             raise ValueError(f"step_size must be positive (nm^2), got {self.step_size}")
-        if self.com_adjustment not in COM_ADJUSTMENTS:
-            raise ValueError(f"com_adjustment must be one of {COM_ADJUSTMENTS}, got {self.com_adjustment!r}")
+        if self.com_adjustment != "auto" and self.com_adjustment not in COM_ADJUSTMENTS:
+            raise ValueError(f"com_adjustment must be 'auto' or one of {COM_ADJUSTMENTS}, got {self.com_adjustment!r}")
+        if self.clip_fraction is not None and not 0 <= self.clip_fraction < 1:
+            raise ValueError(f"clip_fraction must be in [0, 1) or None (the protocol's), got {self.clip_fraction}")
         if self.checkpoint_path is not None:
             object.__setattr__(self, "checkpoint_path", os.fspath(self.checkpoint_path))
+
+    def resolved(self, flow) -> SMCOptions:
+        """These options with ``com_adjustment="auto"`` and ``clip_fraction=None`` made concrete for ``flow``."""
+        com_adjustment = resolve_com_adjustment(self.com_adjustment, flow)
+        clip_fraction = resolve_clip_fraction(self.clip_fraction, com_adjustment)
+        return dataclasses.replace(self, com_adjustment=com_adjustment, clip_fraction=clip_fraction)
 
     def resume_key(self) -> dict:
         """The options a checkpoint must share to be resumed, in a form ``torch.load`` reads back.

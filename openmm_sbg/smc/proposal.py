@@ -12,19 +12,36 @@ invariant) target does not care about. The importance weights are the paper's,
 mean of the atom positions (the flow trainer subtracts that mean, not the mass-weighted
 one) and ``rho`` one of
 
-- ``"chi3"`` (the paper's, default): the chi distribution with 3 degrees of freedom of
-  ``|c|``, scale ``com_std``, read as a function of ``c``;
-- ``"gaussian"``: the density ``N(c; 0, com_std^2 I)`` of the CoM itself, which cancels the
-  flow's CoM factor exactly;
-- ``"none"``: no adjustment, for proposals whose CoM is part of the target.
+- ``"gaussian"``: the density ``N(c; 0, com_std^2 I)`` of the CoM itself. For a flow whose
+  centre is analytic, ``N(0, com_std^2 I)`` and independent of the rest (the
+  ``internal`` representation), it cancels the flow's CoM factor exactly: the weights are
+  then exact and depend on the internal coordinates only;
+- ``"chi3"`` (the paper's protocol): the chi distribution with 3 degrees of freedom of
+  ``|c|``, scale ``com_std``, read as a function of ``c``. It leaves a factor
+  ``|c|^2`` in the weights, which alone caps the normalised ESS at 0.6;
+- ``"none"``: no adjustment, for proposals whose CoM is part of the target;
+- ``"auto"`` (the default of every sampler and move of the package,
+  :data:`DEFAULT_COM_ADJUSTMENT`): ``"gaussian"`` for a flow with an analytic Gaussian
+  centre, ``"chi3"`` otherwise (Cartesian flows, other proposals); see
+  :func:`resolve_com_adjustment`. With it the clipped fraction defaults to 0 for exact
+  weights and to the paper's 0.2% for ``"chi3"`` (:func:`resolve_clip_fraction`).
 
 Along the annealing path the term goes on the target side instead:
 ``E_S = -log q(x)`` and ``E_T' = E_T - log rho(c)``. The weight increments
 ``-(dt)(E_T' - E_S)`` are the same, but every intermediate ``exp(-E_t)`` is then a proper
 density (the paper's placement makes them improper in the CoM, which biases log Z; see
 ``tests/test_smc.py``). Either way the weighted distribution of internal coordinates is
-exact and ``log Z`` estimates ``log integral exp(-E_T(x)) rho(c(x)) dx``
-(``integral rho = 12 pi com_std^2`` for ``"chi3"``, 1 for ``"gaussian"``).
+exact.
+
+log Z (the one convention, reported by :class:`~openmm_sbg.smc.SMCResult` and the JSON
+summaries of ``sample`` and ``demo``): an estimate of
+``log integral exp(-E_T(x)) rho(c(x)) dx`` over all ``3N`` Cartesian coordinates, with
+``E_T = U / kT`` (dimensionless) and ``x`` in nm, so ``Z`` is in nm^(3N). With
+``"gaussian"`` ``rho`` integrates to 1, so ``Z`` is the configurational integral of
+``exp(-U/kT)`` with the (infinite) translational volume replaced by 1 and
+``-kT log Z`` the configurational free energy on that scale; ``"chi3"`` adds
+``log(12 pi com_std^2)`` (the integral of its ``rho``); ``"none"`` is the plain integral.
+Only differences of log Z between runs with the same convention mean anything physical.
 """
 
 from __future__ import annotations
@@ -35,8 +52,11 @@ from typing import Protocol
 import torch
 
 COM_ADJUSTMENTS = ("chi3", "gaussian", "none")
-#: The CoM density every sampler and move of the package uses unless told otherwise.
-DEFAULT_COM_ADJUSTMENT = "chi3"
+#: The CoM density every sampler and move of the package uses unless told otherwise:
+#: ``"auto"``, resolved per flow by :func:`resolve_com_adjustment`.
+DEFAULT_COM_ADJUSTMENT = "auto"
+#: The fraction of largest log-weights the paper's protocol drops (with ``"chi3"``).
+PAPER_CLIP_FRACTION = 0.002
 
 
 class Proposal(Protocol):
@@ -52,10 +72,52 @@ class Proposal(Protocol):
     def energy(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-def com_log_density(x: torch.Tensor, com_std: float | None, kind: str = DEFAULT_COM_ADJUSTMENT) -> torch.Tensor:
+def has_gaussian_centre(flow) -> bool:
+    """Whether ``flow``'s centre of mass is analytic, ``N(0, com_std^2 I)`` and independent of the rest.
+
+    True for a :class:`~openmm_sbg.TarFlow` over internal coordinates (its representation
+    draws the six rigid-body degrees of freedom analytically); a proposal may say so itself
+    with an attribute ``gaussian_centre``.
+    """
+    declared = getattr(flow, "gaussian_centre", None)
+    if declared is not None:
+        return bool(declared)
+    return getattr(getattr(flow, "representation", None), "n_rigid", 0) > 0
+
+
+def resolve_com_adjustment(kind: str, flow) -> str:
+    """The CoM density to use with ``flow``: ``kind`` itself, or for ``"auto"`` ``"gaussian"``
+    where the flow has an analytic Gaussian centre (exact weights) and ``"chi3"`` (the paper's) otherwise."""
+    if kind == "auto":
+        return "gaussian" if has_gaussian_centre(flow) else "chi3"
+    if kind not in COM_ADJUSTMENTS:
+        raise ValueError(f"com_adjustment must be 'auto' or one of {COM_ADJUSTMENTS}, got {kind!r}")
+    return kind
+
+
+def resolve_clip_fraction(clip_fraction: float | None, com_adjustment: str) -> float:
+    """``clip_fraction``, or for ``None`` the protocol's: the paper's 0.2% with ``"chi3"``, 0 (exact weights) otherwise."""
+    if clip_fraction is None:
+        return PAPER_CLIP_FRACTION if com_adjustment == "chi3" else 0.0
+    return float(clip_fraction)
+
+
+def log_z_convention(kind: str, com_std: float | None) -> str:
+    """One sentence saying what a run's log Z estimates with the CoM density ``kind`` (for JSON summaries)."""
+    base = "log of the integral of exp(-U/kT) rho(c) over the 3N Cartesian coordinates in nm (Z in nm^(3N)), c the unweighted mean position"
+    if kind == "gaussian":
+        return f"{base}; rho = N(0, s^2 I) with s = com_std = {com_std:.6g} nm integrates to 1, so the translational volume counts as 1"
+    if kind == "chi3":
+        return (f"{base}; rho = the chi3 density of |c| (the paper's), s = com_std = {com_std:.6g} nm, integrates to "
+                f"12 pi s^2: subtract log(12 pi s^2) = {math.log(12 * math.pi * com_std**2):.6g} for the Gaussian convention")
+    return f"{base}; rho = 1 (no CoM adjustment)"
+
+
+def com_log_density(x: torch.Tensor, com_std: float | None, kind: str) -> torch.Tensor:
     """``log rho(c)`` per configuration, ``c`` the unweighted mean of the positions ``x [B, N, 3]``.
 
-    See the module docstring for ``kind``. Differentiable in ``x``.
+    ``kind`` is ``"chi3"``, ``"gaussian"`` or ``"none"`` (resolve ``"auto"`` first with
+    :func:`resolve_com_adjustment`); see the module docstring. Differentiable in ``x``.
     """
     if kind not in COM_ADJUSTMENTS:
         raise ValueError(f"com_adjustment must be one of {COM_ADJUSTMENTS}, got {kind!r}")
@@ -109,7 +171,7 @@ def source_energy(flow: Proposal, x: torch.Tensor, need_grad: bool = True) -> tu
 
 
 def com_energy(
-    x: torch.Tensor, com_std: float | None, kind: str = DEFAULT_COM_ADJUSTMENT, need_grad: bool = True
+    x: torch.Tensor, com_std: float | None, kind: str, need_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``-log rho(c)`` in kT (added to the target's energy on the path) and its gradient."""
     return _energy_and_grad(lambda y: -com_log_density(y, com_std, kind), x, need_grad)

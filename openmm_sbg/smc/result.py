@@ -12,6 +12,13 @@ import numpy as np
 from openmm_sbg.io import atomic_path
 
 
+#: What :attr:`SMCResult.ess` (and ``ess`` in the summaries of ``sample`` and ``demo``) is, in one line.
+ESS_DEFINITION = (
+    "normalised Kish ESS (sum w)^2 / (K sum w^2): for importance sampling that of the proposals' weights; "
+    "for SMC the smallest one the weights reached at any annealing step before a resampling (incl. t = 1)"
+)
+
+
 @dataclasses.dataclass
 class SMCResult:
     """The output of :meth:`SMCSampler.run <openmm_sbg.smc.SMCSampler.run>`.
@@ -29,11 +36,20 @@ class SMCResult:
         tools read, the unit is part of the name: :meth:`save` writes this as ``energies_kT``,
         as ``openmm-sbg md`` writes its frames' energies.
     log_z
-        Estimate of ``log(Z_T / Z_S)``, the log normaliser of ``exp(-E_T)`` relative to the
-        proposal's (see :mod:`openmm_sbg.smc.proposal` for the CoM convention).
+        Estimate of ``log Z``, ``Z = integral exp(-E_T(x)) rho(c(x)) dx`` with ``E_T`` in kT,
+        ``x`` in nm and ``rho`` the run's CoM density (the flow is normalised, so no
+        proposal normaliser enters); :mod:`openmm_sbg.smc.proposal` states the convention.
     ess
-        Normalised Kish ESS of the weights at ``t = 1`` before the final resampling (the
-        quality of the last stretch of the run; 1 means perfectly balanced weights).
+        How good the run was: a normalised Kish ESS in [0, 1] (1: perfectly balanced
+        weights). For importance sampling (``n_steps=0``) the ESS of the proposals' weights
+        (after the filters); for SMC the smallest ESS the weights reached at any annealing
+        step, before any resampling (the value each resampling acted on, and the one at
+        ``t = 1``), i.e. ``diagnostics["ess"].min()``. A run that never resampled before
+        ``t = 1`` thus reports the ESS of its Jarzynski weights over the whole path.
+    ess_since_last_resampling
+        The normalised ESS of the weights at ``t = 1`` before the final resampling: of the
+        weights accumulated since the last resampling only, so near 1 when that was close to
+        ``t = 1`` (not a measure of the run; ``None`` in files written before it was stored).
     diagnostics
         Per annealing step: ``t``, ``ess`` (before any resampling), ``acceptance``,
         ``resampled``, ``step_size``, ``n_alive`` and the running ``log_z``.
@@ -51,6 +67,7 @@ class SMCResult:
     diagnostics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     topology: object = None
     info: dict = dataclasses.field(default_factory=dict)
+    ess_since_last_resampling: float | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -90,6 +107,8 @@ class SMCResult:
                     group.create_dataset(key, data=np.asarray(value))
                 handle.attrs["log_z"] = float(self.log_z)
                 handle.attrs["ess"] = float(self.ess)
+                if self.ess_since_last_resampling is not None:
+                    handle.attrs["ess_since_last_resampling"] = float(self.ess_since_last_resampling)
                 handle.attrs["smc_info"] = json.dumps(self.info, default=str)
 
     @classmethod
@@ -113,6 +132,9 @@ class SMCResult:
                 diagnostics={key: value[()] for key, value in handle.get("diagnostics", {}).items()},
                 topology=traj.topology,
                 info=json.loads(handle.attrs.get("smc_info", "{}")),
+                ess_since_last_resampling=(
+                    float(handle.attrs["ess_since_last_resampling"]) if "ess_since_last_resampling" in handle.attrs else None
+                ),
             )
 
     def __repr__(self) -> str:
