@@ -24,7 +24,7 @@ from importlib import resources
 
 from openmm import app, unit
 
-from openmm_sbg.target import BoltzmannTarget, as_temperature
+from openmm_sbg.target import BoltzmannTarget, _notice, as_temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,16 +107,64 @@ def from_pdb(
     """Build a target from a PDB file (path or ``app.PDBFile``) and OpenMM force-field files.
 
     The System is created unconstrained with no CMMotionRemover, as SBG requires.
-    ``nonbonded_method`` must be ``app.NoCutoff`` or ``app.CutoffNonPeriodic``.
+    ``nonbonded_method`` must be ``app.NoCutoff`` or ``app.CutoffNonPeriodic``. An empty or
+    malformed file is refused with a ``ValueError`` that says so. A structure without any
+    hydrogen (what crystal structures and most drawn PDBs are) gets them from OpenMM's
+    ``Modeller.addHydrogens`` with the same force field at pH 7, and a one-line notice
+    says so; minimise before sampling (``openmm-sbg md`` does).
     """
+    label = "<PDBFile>"
     if isinstance(pdb, (str, os.PathLike)):
-        if not os.path.exists(pdb):
-            raise FileNotFoundError(f"PDB file {os.fspath(pdb)!r} does not exist")
-        pdb = app.PDBFile(os.fspath(pdb))
-    system = create_system(pdb.topology, forcefield_files, nonbonded_method, nonbonded_cutoff)
-    return BoltzmannTarget(
-        system, pdb.topology, as_temperature(temperature), positions=pdb.positions, name=name, **target_kwargs
+        label = os.fspath(pdb)
+        pdb = read_pdb(pdb)
+    forcefield = _forcefield(forcefield_files)
+    topology, positions = pdb.topology, pdb.positions
+    if topology.getNumAtoms() == 0:
+        raise ValueError(f"the PDB {label} has no atoms; give a structure of your molecule")
+    if not any(atom.element is not None and atom.element.symbol == "H" for atom in topology.atoms()):
+        topology, positions = add_hydrogens(topology, positions, forcefield, label)
+    system = _create_system(topology, forcefield, nonbonded_method, nonbonded_cutoff)
+    return BoltzmannTarget(system, topology, as_temperature(temperature), positions=positions, name=name, **target_kwargs)
+
+
+def read_pdb(path) -> app.PDBFile:
+    """Read a PDB file; a missing, empty or malformed file gets one clear error, not OpenMM's traceback."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PDB file {path!r} does not exist")
+    with open(path, errors="replace") as handle:
+        records = [line for line in handle if line.startswith(("ATOM", "HETATM"))]
+    if not records:
+        raise ValueError(f"the PDB file {path!r} has no atoms (no ATOM or HETATM records): it is empty or not a PDB file")
+    try:
+        pdb = app.PDBFile(path)
+    except Exception as err:  # OpenMM's parser fails with IndexError, AssertionError, ValueError ...
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise ValueError(
+            f"the PDB file {path!r} could not be read ({detail}); check its ATOM/HETATM lines follow the PDB "
+            "format's fixed columns (e.g. write it again with OpenMM, PyMOL or mdtraj)"
+        ) from None
+    if pdb.topology.getNumAtoms() == 0:
+        raise ValueError(f"the PDB file {path!r} has no atoms OpenMM could read")
+    return pdb
+
+
+def add_hydrogens(topology: app.Topology, positions, forcefield: app.ForceField, label: str = "the structure"):
+    """``(topology, positions)`` with hydrogens added by OpenMM's Modeller at pH 7, and a one-line notice."""
+    modeller = app.Modeller(topology, positions)
+    try:
+        modeller.addHydrogens(forcefield, pH=7.0)
+    except Exception as err:
+        raise ValueError(
+            f"{label} has no hydrogens and OpenMM's Modeller could not add them ({err}); add them yourself "
+            "(e.g. with PDBFixer) and try again"
+        ) from None
+    added = modeller.topology.getNumAtoms() - topology.getNumAtoms()
+    _notice(
+        f"{label} has no hydrogens: added {added} with OpenMM's Modeller (pH 7, the same force field); "
+        "they are placed, not minimised"
     )
+    return modeller.topology, modeller.positions
 
 
 def create_system(topology: app.Topology, forcefield_files, nonbonded_method=app.NoCutoff, nonbonded_cutoff=None):
@@ -125,14 +173,21 @@ def create_system(topology: app.Topology, forcefield_files, nonbonded_method=app
     ``nonbonded_method`` must be ``app.NoCutoff`` or ``app.CutoffNonPeriodic`` (default
     cutoff 1 nm, as OpenMM's).
     """
+    return _create_system(topology, _forcefield(forcefield_files), nonbonded_method, nonbonded_cutoff)
+
+
+def _forcefield(forcefield_files) -> app.ForceField:
     if isinstance(forcefield_files, str):
         forcefield_files = (forcefield_files,)
+    return app.ForceField(*forcefield_files)
+
+
+def _create_system(topology: app.Topology, forcefield: app.ForceField, nonbonded_method, nonbonded_cutoff):
     if nonbonded_method not in (app.NoCutoff, app.CutoffNonPeriodic):
         raise ValueError(
             f"nonbonded_method {nonbonded_method} is periodic; use app.NoCutoff or app.CutoffNonPeriodic "
             "(SBG samples vacuum or implicit-solvent systems)"
         )
-    forcefield = app.ForceField(*forcefield_files)
     kwargs = {"nonbondedMethod": nonbonded_method, "constraints": None, "rigidWater": False, "removeCMMotion": False}
     if nonbonded_method is app.CutoffNonPeriodic and nonbonded_cutoff is not None:
         kwargs["nonbondedCutoff"] = nonbonded_cutoff

@@ -70,3 +70,42 @@ def test_builtin_system_runs_md_without_blowing_up(get_target, name):
     integrator.step(2000)
     energy = context.getState(energy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     assert np.isfinite(energy) and abs(energy) < 1e5
+
+
+_AMBER99_OBC = ["amber99sbildn.xml", "amber99_obc.xml"]
+
+
+def _ad2_without_hydrogens(path):
+    lines = open(systems.structure_path("ad2")).read().splitlines()
+    path.write_text("\n".join(line for line in lines if not (line.startswith(("ATOM", "HETATM")) and line[76:78].strip() == "H")))
+    return path
+
+
+def test_a_pdb_without_hydrogens_gets_them_and_says_so(tmp_path, capsys):
+    target = systems.from_pdb(_ad2_without_hydrogens(tmp_path / "noh.pdb"), _AMBER99_OBC, 300)
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "no hydrogens: added 12" in notice[0] and "Modeller" in notice[0]
+    reference = systems.get("ad2", platform="Reference")
+    assert [a.name for a in target.topology.atoms()] == [a.name for a in reference.topology.atoms()]
+    # Placed by the Modeller, not minimised: close to the minimised structure's energy.
+    assert abs(float(target.energy(target.positions)) - float(reference.energy(reference.positions))) < 5
+
+
+@pytest.mark.parametrize("text, message", [("", "no atoms"), ("HEADER    nothing here\nEND\n", "no atoms"),
+                                           ("ATOM      1  N   ALA A   1  garbage\n", "could not be read")])
+def test_an_empty_or_malformed_pdb_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.pdb"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        systems.from_pdb(path, _AMBER99_OBC, 300)
+
+
+@pytest.mark.parametrize("command", [["run", "--folder", "FOLDER"], ["md", "--ns", "0.001", "--out", "FOLDER/md.h5"]])
+def test_the_commands_refuse_an_empty_pdb_in_one_line(tmp_path, capsys, command):
+    from openmm_sbg import cli
+
+    (tmp_path / "empty.pdb").write_text("")
+    argv = [part.replace("FOLDER", str(tmp_path / "out")) for part in command]
+    code = cli.main([*argv, "--pdb", str(tmp_path / "empty.pdb")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no atoms" in err[0] and "Traceback" not in err[0]
