@@ -21,7 +21,7 @@ from openmm_sbg.openmm import (
     create_torch_force,
     flow_energy_module,
 )
-from openmm_sbg.smc.proposal import com_energy
+from openmm_sbg.smc.proposal import com_energy, resolve_com_adjustment
 from toy_molecules import save_perturbed
 
 PLATFORMS = ["Reference", "CPU"]
@@ -159,10 +159,12 @@ def test_annealing_state_drives_lambda_in_langevin_move(ad2, flow_path, platform
         assert context.getParameter("lambda_sbg") == lam
     assert len(context_cache) == 1, "every lambda should share one Context"
     assert np.isfinite(sampler_state.potential_energy / unit.kilojoule_per_mole)
-    # At lambda = 1 the annealed System is the force field (plus the CoM term).
+    # At lambda = 1 the annealed System is the force field (plus the CoM term, by default
+    # the sampler's: Gaussian for an internal flow, chi3 for a Cartesian one).
     compound.lambda_sbg = 1.0
     context.setPositions(ad2.positions)
-    e_com = com_energy(x, TarFlow.load(flow_path).com_std, "chi3", need_grad=False)[0]
+    flow = TarFlow.load(flow_path)
+    e_com = com_energy(x, flow.com_std, resolve_com_adjustment("auto", flow), need_grad=False)[0]
     assert compound.reduced_potential(context) == pytest.approx(float(ad2.energy(x) + e_com), abs=1e-3)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         compound.lambda_sbg = -0.1
