@@ -1,5 +1,8 @@
 """Seeded MD: which replica-exchange frames start it, and the pipeline stage that runs it."""
 
+import os
+
+import mdtraj
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,8 @@ from openmm_sbg.data import load_positions
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.md import MDConfig, split_labels, write_trajectory
 from openmm_sbg.seeding import rare_state_seeds
+
+ALPHA_L_FRAMES = os.path.join(os.path.dirname(__file__), "data", "ad2-alphaL-C7ax.pdb")
 
 
 def test_rare_states_are_seeded_from_the_coldest_replica_that_visits_them():
@@ -38,7 +43,9 @@ def test_rare_state_seeds_need_frames_at_the_target_temperature():
 def test_the_seed_stage_runs_target_temperature_md_inside_a_rare_state(ad2, tmp_path):
     # Replica-exchange-like data: 300 K frames in C7eq/beta and alphaR only, alphaL/C7ax at 330 K.
     labeller = populations.backbone_state_labeller(ad2.topology)
-    x = TarFlow.load("ad2-re", target=ad2).sample(3000, generator=torch.Generator().manual_seed(0))[0].double().numpy()
+    # C7eq/beta and alphaR from the shipped flow, alphaL/C7ax (phi > 0) from a small file of such frames.
+    x = TarFlow.load("ad2", target=ad2).sample(1000, generator=torch.Generator().manual_seed(0))[0].double().numpy()
+    x = np.concatenate([x, mdtraj.load(ALPHA_L_FRAMES).xyz.astype(np.float64)])
     labels = labeller(x)
     # Low-energy proposals: minimisation from them stays in their basin.
     energies = ad2.energy(x).numpy()
