@@ -11,7 +11,8 @@ def test_demo_samples_evaluates_and_plots(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out-dir", str(out), "--n-particles", "48", "--n-steps", "3", "--no-progress"])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert set(summary["runs"]) == {"importance_sampling", "smc"}
     for name, run in summary["runs"].items():
         assert (out / f"{name}.h5").is_file()
@@ -24,6 +25,13 @@ def test_demo_samples_evaluates_and_plots(tmp_path, capsys):
     assert importance["torus_w2"] < 1.0 and importance["energy_w2_kT"] < 3.0
     assert summary["runs"]["smc"]["n_steps"] == 3
     assert (out / "summary.json").is_file()
+    # The shipped `ad2` with its default, exact weights; IS keeps them (independent proposals).
+    assert summary["model"] == "ad2.pt" and importance["com_adjustment"] == "gaussian" and importance["clip_fraction"] == 0
+    assert importance["states"]["samples_bootstrap_error"] is not None
+    # The table's floor: the reference against itself, half against half.
+    floor = summary["noise_floor"]
+    assert floor["frames_per_half"] == 2500 and 0 < floor["energy_w2_kT"] < 1 and 0 < floor["torus_w2"] < 0.5
+    assert "MD half vs half (floor)" in captured.err
 
 
 def test_demo_refuses_a_flow_of_another_molecule(tmp_path, capsys):
