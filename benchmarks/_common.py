@@ -48,10 +48,16 @@ def machine() -> str:
 
 
 def write_section(heading: str, body: str) -> None:
-    """Replace (or append) the section ``heading`` of RESULTS.md, leaving other sections alone."""
+    """Replace (or append) the section ``heading`` of RESULTS.md, leaving other sections alone.
+
+    A section runs to the next heading of its own level or above, so a script's ``### table``
+    sits inside the report's ``## question`` section and is replaced there. A section not yet
+    in the file is appended at its end: move it under its question.
+    """
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     section = f"{heading}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    level = len(heading) - len(heading.lstrip("#"))
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^#{{1,{level}}} |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:

@@ -34,7 +34,7 @@ from openmm_sbg.energy import (
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, write_section  # noqa: E402
 
-HEADING = "## Energy backends"
+HEADING = "### Energy backends"
 #: The one-Context loop costs the same per configuration at every batch size, so it is timed
 #: on at most this many configurations (keeps the run to minutes).
 LOOP_SAMPLE = 256

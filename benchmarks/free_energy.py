@@ -46,7 +46,7 @@ from _common import (  # noqa: E402  # noqa: E402
 )
 from _sbg_runs import METHODS, Scorer, default_budgets, groups_of, run_sbg  # noqa: E402
 
-HEADING = "## Free energy"
+HEADING = "### Free energy"
 PAIRS = ((0, 1), (0, 2))  # dF(C7eq/beta -> alphaR), dF(C7eq/beta -> alphaL/C7ax)
 
 

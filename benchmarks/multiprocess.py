@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, write_section  # noqa: E402
 
-HEADING = "## Multi-process"
+HEADING = "### Multi-process"
 TRAIN_STEPS, BATCH, PARTICLES, SMC_STEPS = 22, 128, 256, 4
 
 

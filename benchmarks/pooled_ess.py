@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
 
-HEADING = "## Importance-sampling ESS, pooled"
+HEADING = "### Importance-sampling ESS, pooled"
 PROPOSALS_PER_SET = 10_000
 BOOTSTRAP = 200
 

@@ -8,7 +8,7 @@
   sampling time to a 20% answer (when no single seed reaches it, the seeds needed for the
   spread over seeds, divided by sqrt(seeds), to reach it).
 - Reference: ``benchmarks/umbrella_sampling.py`` (MBAR over windows along phi, or on a
-  (phi, psi) grid), read from ``results/umbrella_sampling.json`` or ``--umbrella``.
+  (phi, psi) grid), read from ``results/umbrella_sampling-2d-grid.json`` or ``--umbrella``.
 - Plain MD: frames in alphaL/C7ax and the first visit in each ``--md`` file at 300 K.
 - Wall-clock counted whole: replica exchange (``--re-seconds``, as measured by its runs)
   + any MD seeded from its frames (``--seeded-md-seconds``) + training and refinement (the
@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import DATA, axes, command_line, header, load_json, machine, publish, save_json, save_plot  # noqa: E402
 
-HEADING = "## Rare basin: alphaL/C7ax from replica-exchange data"
+HEADING = "### Rare basin: alphaL/C7ax from replica-exchange data"
 RARE = 2  # index of alphaL/C7ax in openmm_sbg.populations.BACKBONE_STATES
 
 
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
                         help="wall-clock (one core, summed over runs) of MD started from replica-exchange frames in the basin, s")
     parser.add_argument("--md", nargs="+", default=["runs/ad2-md30.h5", "runs/ad2-md15b.h5"])
     parser.add_argument("--md-ns-per-min", type=float, default=1.4, help="plain MD speed on this machine, one core")
-    parser.add_argument("--umbrella", default="umbrella_sampling.json", help="the umbrella-sampling results (under results/) to compare with")
+    parser.add_argument("--umbrella", default="umbrella_sampling-2d-grid.json", help="the umbrella-sampling results (under results/) to compare with")
     parser.add_argument("--tag", default=None, help="write results/rare_basin-TAG.json and its own RESULTS.md section")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

@@ -28,12 +28,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
 
-HEADING = "## Energy-aware refinement"
+HEADING = "### Energy-aware refinement"
 #: T-W2 averages this many subsamples of 2,000: single draws of the same weighted set scatter
-#: from 0.08 to 0.21, which made the session-4 table's T-W2 comparison noise.
+#: from 0.08 to 0.21, which made an earlier one-draw comparison of T-W2 noise.
 TW2_DRAWS = 8
 #: The weights stay weights (no resampling at the end): resampled copies add their own noise
-#: to the populations and T-W2 (the session-4 table resampled).
+#: to the populations and T-W2.
 _WEIGHTED = {"resample_threshold": 0.0, "resample_at_end": False}
 PROTOCOLS = {"paper": {"com_adjustment": "chi3", "clip_fraction": 0.002, **_WEIGHTED},
              "exact": {"com_adjustment": "gaussian", "clip_fraction": 0.0, **_WEIGHTED}}

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ROOT, command_line, header, machine, publish  # noqa: E402
 
-HEADING = "## SMC throughput"
+HEADING = "### SMC throughput"
 
 
 def seconds(function) -> float:

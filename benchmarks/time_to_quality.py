@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
 )
 from _sbg_runs import METHODS, Scorer, default_budgets, groups_of, run_sbg  # noqa: E402
 
-HEADING = "## Time to quality"
+HEADING = "### Time to quality"
 
 # ------------------------------------------------------------------------------ MD
 def platform_rates(target, n_steps: int = 3000) -> dict[str, float]:
@@ -230,7 +230,7 @@ def report(results: dict) -> str:
         lines.append(f"| {p['ns']:.3g}{star} | {p['seconds']:.1f} | {p['energy_w2']:.3f} | {p['torus_w2']:.3f} |")
     lines += [
         "",
-        "SBG (mean ± standard deviation over seeds; ESS is the normalised Kish ESS at t = 1 before the final resampling):",
+        "SBG (mean ± standard deviation over seeds; ESS: `SMCResult.ess`, for IS the proposals' Kish ESS, for SMC the smallest ESS before a resampling; default weights):",
         "",
         "| method | budget | steps taken | seeds | wall-clock s | ESS | mean energy (kT) | E-W2 (kT) | T-W2 | log Z |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -47,7 +47,7 @@ from _common import (  # noqa: E402
     publish,
 )
 
-HEADING = "## Rare basin: umbrella sampling reference"
+HEADING = "### Rare basin: umbrella sampling reference"
 STORE = WORK / "umbrella"
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: built-in targets are built once per test session."""
+"""Shared fixtures: built-in targets are built once per pytest run."""
 
 import functools
 

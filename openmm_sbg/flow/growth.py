@@ -4,7 +4,7 @@ A flow fitted by maximum likelihood to plenty of data can be limited by its size
 NLL on held-out frames equals the training NLL. Blocks appended as identities keep its density
 exactly, so refinement starts from the trained flow's ESS, and give the optimiser new
 parameters to fit what the small flow could not. (On ``ad2``, two added blocks did not beat
-the same refinement without them in 30 CPU minutes: benchmarks/RESULTS.md, session 6.)
+the same refinement without them in 30 CPU minutes: benchmarks/RESULTS.md, "Refinement".)
 """
 
 from __future__ import annotations
