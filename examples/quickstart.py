@@ -16,7 +16,8 @@ flow = TarFlow.load(shipped.model_path("ad2"), target=target)
 
 result = SMCSampler(target, flow, n_particles=1000, n_steps=50, kernel="mala").run(seed=0)
 result.save("quickstart/samples.h5")
-print(f"log Z = {result.log_z:.2f}, normalised ESS = {result.ess:.3f}")
+# result.ess: the run's quality, the smallest normalised ESS the weights reached before a resampling.
+print(f"log Z = {result.log_z:.2f}, ESS = {result.ess:.3f}")
 
 samples = result.to_mdtraj()  # an ordinary mdtraj.Trajectory; weights in result.weights
 reference = data.load_trajectory(shipped.reference_path("ad2"))
