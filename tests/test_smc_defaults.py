@@ -72,6 +72,9 @@ def test_internal_flows_have_an_analytic_centre_and_cartesian_flows_do_not(ad2):
     internal = TarFlow(FlowConfig(**small, representation="internal"), target=ad2, std=0.2)
     cartesian = TarFlow(FlowConfig(**small), n_atoms=22, std=0.2)
     assert has_gaussian_centre(internal) and not has_gaussian_centre(cartesian)
+    from openmm_sbg.distributed.fast_paths import FastFlow
+
+    assert has_gaussian_centre(FastFlow(internal)) and not has_gaussian_centre(FastFlow(cartesian))
     for flow, kind, clip in ((internal, "gaussian", 0.0), (cartesian, "chi3", PAPER_CLIP_FRACTION)):
         options = SMCSampler(ad2, flow, 10, 0, progress=False).options
         assert (options.com_adjustment, options.clip_fraction) == (kind, clip)

@@ -79,6 +79,13 @@ class FastFlow(torch.nn.Module):
         """The wrapped flow's CoM std (nm)."""
         return self.flow.com_std
 
+    @property
+    def gaussian_centre(self) -> bool:
+        """Whether the wrapped flow's centre is analytic (the samplers' default weights follow it)."""
+        from openmm_sbg.smc.proposal import has_gaussian_centre
+
+        return has_gaussian_centre(self.flow)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The flow's own samples (full precision, same random stream as the flow)."""
         return self.flow.sample(n, generator=generator)
