@@ -11,6 +11,11 @@ CPU float64:
 - one SMC step (ULA move: flow and force field energies and gradients of every particle) with
   the same noise, in the combinations above;
 
+- batched MD (:class:`~openmm_sbg.dynamics.BatchedLangevin`, walker-steps per second by batch):
+  float32 and float64 (and float32 compiled) on the GPU, positions after a few steps against the
+  same walkers integrated on the CPU in float64 (the counter-based noise is the same on every
+  device), next to one OpenMM Context on the CUDA platform (``--md-only`` runs these rows alone);
+
 and prints a table of throughputs with the largest errors. Exit status 1 if a check fails.
 Without a GPU it runs the CPU rows only (a smoke test of this script).
 """
@@ -28,6 +33,7 @@ import torch
 
 from openmm_sbg import systems
 from openmm_sbg.distributed.fast_paths import DeviceBackend, FastFlow
+from openmm_sbg.dynamics import BatchedLangevin, batched_force_field, minimised_structure, system_masses
 from openmm_sbg.energy import OpenMMBackend
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.smc import SMCSampler, ula_step
@@ -77,6 +83,7 @@ class Checker:
         self.failed = False
         self.min_seconds = min_seconds
         self.deadline = time.perf_counter() + budget_s
+        self.md_batches: list[int] = []
 
     def out_of_time(self, label: str) -> bool:
         if time.perf_counter() > self.deadline:
@@ -181,6 +188,45 @@ def check_system(name: str, batch: int, checker: Checker, cuda: bool) -> None:
         checker.add(f"{name} SMC step (particle-steps), {label}", batch / seconds, error, TOLERANCE["fp32"])
 
 
+def check_batched_md(name: str, batch: int, checker: Checker, device: str, steps: int = 10) -> None:
+    """Batched Langevin walkers on ``device``: walker-steps/s, and positions after ``steps`` steps against CPU float64."""
+    target = systems.get(name, platform="Reference")
+    positions = np.repeat(minimised_structure(target)[None], batch, 0)
+    sync = device.startswith("cuda")
+
+    def engine(on: str, precision: str, compile: bool = False, n: int = batch) -> BatchedLangevin:
+        return BatchedLangevin(
+            batched_force_field(target.system, n, on, compile), system_masses(target.system), positions[:n],
+            target.temperature, seed=0, device=on, precision=precision, compile=compile,
+        )
+
+    # The first walkers alone on the CPU: a walker's noise depends on its id, not on the batch or device.
+    checked = min(batch, 64)
+    reference = engine("cpu", "float64", n=checked)
+    reference.step(steps)
+    variants = {f"{device} f32": (False, "float32"), f"{device} f64": (False, "float64")}
+    if sync:
+        variants[f"{device} f32 compiled"] = (True, "float32")
+    for label, (compile, precision) in variants.items():
+        row = f"{name} batched MD (walker-steps), {label}, batch {batch}"
+        if checker.out_of_time(row):
+            continue
+        walkers = engine(device, precision, compile)
+        walkers.step(steps)
+        error = relative_error(walkers.x[:checked].double().cpu(), reference.x)
+        seconds = timed(lambda: walkers.step(steps), checker.min_seconds, sync)
+        checker.add(row, batch * steps / seconds, error, TOLERANCE["f64" if precision == "float64" else "fp32"])
+    if sync and "CUDA" in [openmm_platform_name(i) for i in range(openmm_platform_count())] and batch == max(checker.md_batches):
+        import openmm
+        from openmm import unit
+
+        integrator = openmm.LangevinMiddleIntegrator(target.temperature, 1 / unit.picosecond, 1 * unit.femtosecond)
+        context = openmm.Context(target.system, integrator, openmm.Platform.getPlatformByName("CUDA"))
+        context.setPositions(positions[0])
+        seconds = timed(lambda: (integrator.step(200), context.getState(energy=True)), checker.min_seconds, False)
+        checker.add(f"{name} OpenMM CUDA, one Context (steps)", 200 / seconds, None, None)
+
+
 def openmm_platform_count() -> int:
     import openmm
 
@@ -193,19 +239,25 @@ def openmm_platform_name(index: int) -> str:
     return openmm.Platform.getPlatform(index).getName()
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", nargs="+", default=["ad2", "al6"])
     parser.add_argument("--batch", type=int, default=512, help="configurations per evaluation")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="timing per row")
     parser.add_argument("--budget-s", type=float, default=400, help="skip remaining rows after this long")
-    args = parser.parse_args()
+    parser.add_argument("--md-batches", type=int, nargs="*", default=[], help="walkers per batch of the batched-MD rows (none by default)")
+    parser.add_argument("--md-only", action="store_true", help="only the batched-MD rows")
+    args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "no GPU: CPU rows only"
     print(machine(), flush=True)
     checker = Checker(args.min_seconds, args.budget_s)
+    checker.md_batches = args.md_batches
     for name in args.systems:
-        check_system(name, args.batch, checker, cuda)
+        if not args.md_only:
+            check_system(name, args.batch, checker, cuda)
+        for batch in args.md_batches:
+            check_batched_md(name, batch, checker, "cuda" if cuda else "cpu")
     print(f"\n### GPU check ({device}; batch {args.batch})\n")
     print(checker.table())
     if checker.failed:

@@ -151,15 +151,10 @@ def run_md(
         frames_done, chunks_done = 0, 0
     else:
         saved = {k: state[k] for k in settings}
-        saved["config"]["split_fractions"] = tuple(saved["config"]["split_fractions"])
         # n_frames may change between calls: a run can be extended, or finished early with
         # the frames it has. Everything that shapes the dynamics must match.
         saved["config"]["n_frames"] = config.n_frames
-        if saved != settings:
-            raise ValueError(
-                f"{work.path} holds an interrupted run with other settings ({saved}); delete that folder "
-                "to start over, or rerun with the same settings to resume it"
-            )
+        check_resume_settings(work.path, saved, settings)
         with open(work.checkpoint_file, "rb") as handle:
             try:
                 context.loadCheckpoint(handle.read())
@@ -212,19 +207,49 @@ def run_md(
     }
 
 
-def write_trajectory(out, target, xyz, energies, split, config: MDConfig, frame_temperature_K=None) -> None:
+def check_resume_settings(work_path: str, saved: dict, settings: dict) -> None:
+    """Refuse to resume the run kept in ``work_path`` if its stored ``saved`` settings differ from ``settings``.
+
+    Both are compared as JSON stores them (tuples become lists); the error names each
+    setting that differs.
+    """
+    saved, settings = json.loads(json.dumps(saved)), json.loads(json.dumps(settings))
+    if saved == settings:
+        return
+    differences = [f"{key}: {old!r} then, {new!r} now" for key, old, new in _differences(saved, settings)]
+    raise ValueError(
+        f"{work_path} holds an interrupted run with other settings ({'; '.join(differences)}); delete that folder "
+        "to start over, or rerun with the same settings to resume it"
+    )
+
+
+def _differences(old, new, prefix: str = ""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
+
+
+def write_trajectory(
+    out, target, xyz, energies, split, config: MDConfig, frame_temperature_K=None, time_ps=None, extra=None
+) -> None:
     """Write frames plus their energies (kT at the target's temperature) and split codes, atomically.
 
     ``frame_temperature_K`` (optional, one per frame) records the temperature each frame was
-    sampled at, for data pooled from several temperatures (replica exchange).
+    sampled at, for data pooled from several temperatures (replica exchange). ``time_ps``
+    (default: one frame interval apart) is each frame's simulated time; ``extra`` maps names to
+    more per-frame arrays (e.g. ``walker``: which trajectory of a batched run a frame belongs to).
     """
-    time_ps = np.arange(1, len(xyz) + 1) * config.steps_per_frame * config.timestep_fs * 1e-3
+    if time_ps is None:
+        time_ps = np.arange(1, len(xyz) + 1) * config.steps_per_frame * config.timestep_fs * 1e-3
     traj = mdtraj.Trajectory(xyz, mdtraj.Topology.from_openmm(target.topology), time=time_ps)
     extension = os.path.splitext(out)[1].lower()
     attrs = {"temperature_K": target.temperature.value_in_unit(unit.kelvin), "system": target.name or ""}
     per_frame = {"energies_kT": energies, "split": split}
     if frame_temperature_K is not None:
         per_frame["frame_temperature_K"] = np.asarray(frame_temperature_K, dtype=np.float64)
+    per_frame.update(extra or {})
     with atomic_path(out) as tmp:
         traj.save(tmp)
         if extension in HDF5_EXTENSIONS:

@@ -110,7 +110,7 @@ def run_pipeline(
     os.makedirs(folder, exist_ok=True)
     _check_settings(folder, target, config)
     stages = {}
-    stages["data"] = _stage(folder, "data", lambda: _make_data(target, folder, config, platform, progress))
+    stages["data"] = _stage(folder, "data", lambda: _make_data(target, folder, config, platform, progress, device))
     files = [os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")]
     if config.data == "replica-exchange" and config.seeded_ns > 0:
         stages["seed"] = _stage(folder, "seed", lambda: _seed(target, folder, config, platform, progress))
@@ -183,7 +183,7 @@ def _md_config(config: PipelineConfig, ns: float, seed: int):
                     seed=seed)
 
 
-def _make_data(target, folder, config: PipelineConfig, platform, progress) -> dict:
+def _make_data(target, folder, config: PipelineConfig, platform, progress, device="cpu") -> dict:
     from openmm_sbg.md import run_md
 
     md = _md_config(config, config.ns, config.seed)
@@ -197,10 +197,32 @@ def _make_data(target, folder, config: PipelineConfig, platform, progress) -> di
     )
 
     ladder = geometric_ladder(_kelvin(target), config.t_max_K, config.n_replicas)
-    return run_replica_exchange(
-        target, out, ReplicaExchangeConfig(md=md, temperatures_K=ladder), platform=platform or "Reference",
-        all_replicas=True, progress=progress,
-    )
+    exchange = ReplicaExchangeConfig(md=md, temperatures_K=ladder)
+    batched = _batched_replica_exchange(target, out, exchange, device, progress)
+    if batched is not None:
+        return batched
+    return run_replica_exchange(target, out, exchange, platform=platform or "Reference", all_replicas=True, progress=progress)
+
+
+def _batched_replica_exchange(target, out, exchange, device, progress) -> dict | None:
+    """Replica exchange on the batched engine, in copies of the ladder that fill a batch (the same frames per
+    temperature); ``None`` where that engine cannot run the System (a notice says why) or an openmmtools run is resumed."""
+    import sys
+
+    from openmm_sbg import dynamics
+
+    if os.path.exists(os.path.join(out + ".work", "replicas.nc")):
+        return None
+    copies = dynamics.ladder_copies(exchange.md.n_frames, len(exchange.temperatures_K), device)
+    per_copy = dataclasses.replace(exchange, md=dataclasses.replace(exchange.md, n_frames=exchange.md.n_frames // copies))
+    options = dynamics.EngineOptions(device=device, compile=dynamics.compile_available(device))
+    try:
+        run = dynamics.run_batched_replica_exchange(target, out, per_copy, n_copies=copies, options=options,
+                                                    all_replicas=True, progress=progress)
+    except dynamics.BatchedEngineUnavailable as err:
+        print(f"openmm-sbg: {err}; replica exchange runs on OpenMM (openmmtools) instead", file=sys.stderr)
+        return None
+    return run.to_dict()
 
 
 def _seed(target, folder, config: PipelineConfig, platform, progress) -> dict:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.io import atomic_write_text, read_json
-from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+from openmm_sbg.md import MDConfig, check_resume_settings, split_labels, write_trajectory
 from openmm_sbg.target import BoltzmannTarget
 
 
@@ -109,12 +109,7 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
     total = config.equilibration_iterations + config.md.n_frames
 
     if os.path.exists(settings_file) and os.path.exists(storage):
-        saved = read_json(settings_file)
-        if saved != settings:
-            raise ValueError(
-                f"{work} holds an interrupted run with other settings ({saved['config']}); delete that folder "
-                "to start over, or rerun with the same settings to resume it"
-            )
+        check_resume_settings(work, read_json(settings_file), settings)
         reporter = multistate.MultiStateReporter(storage, open_mode="a")
         sampler = multistate.ReplicaExchangeSampler.from_storage(reporter)
     else:
