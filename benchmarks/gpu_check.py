@@ -258,7 +258,8 @@ def main(argv=None) -> int:
             check_system(name, args.batch, checker, cuda)
         for batch in args.md_batches:
             check_batched_md(name, batch, checker, "cuda" if cuda else "cpu")
-    print(f"\n### GPU check ({device}; batch {args.batch})\n")
+    batches = f"MD walkers {', '.join(map(str, args.md_batches))}" if args.md_only else f"batch {args.batch}"
+    print(f"\n### GPU check ({device}; {batches})\n")
     print(checker.table())
     if checker.failed:
         print("\nFAILED: a fast path differs from CPU float64 beyond its tolerance", file=sys.stderr)
