@@ -62,12 +62,47 @@ def evaluate(samples, reference_path: str, plots: str | None = None, all_frames:
         "reference_wrong_chirality_fraction": metrics.wrong_chirality_fraction(reference),
     }
     summary["states"] = state_summary(traj, reference, samples.log_weights, independent=independent_samples(samples))
+    on_reference = reference_states_comparison(traj, reference, samples.energies, reference_energies, weights, max_samples, seed)
+    if on_reference is not None:
+        summary["on_reference_states"] = on_reference
     if plots is not None:
         summary["plots"] = [
             metrics.ramachandran_plot(traj, reference, os.path.join(plots, "ramachandran.png"), weights=weights),
             metrics.energy_histogram_plot(samples.energies, reference_energies, os.path.join(plots, "energy.png"), weights=weights),
         ]
     return summary
+
+
+def reference_states_comparison(traj, reference, energies, reference_energies, weights, max_samples: int = 5000,
+                                seed: int = 0) -> dict | None:
+    """E-W2 and T-W2 of the samples in the backbone states the reference visits, or None if it visits them all.
+
+    A reference MD run that never visits a state (ad2's alphaL/C7ax at 300 K) cannot judge the
+    samples there: a sampler that gives that state its Boltzmann mass would look worse than
+    one that misses it. These metrics drop the samples in unvisited states (and renormalise the
+    weights) and report the weight they held, which another reference (umbrella sampling,
+    replica exchange) has to judge.
+    """
+    from openmm_sbg import metrics, populations
+
+    try:
+        labeller = populations.backbone_state_labeller(traj.topology)
+    except ValueError:
+        return None
+    labels, visited = labeller(traj.xyz), np.unique(labeller(reference.xyz))
+    inside = np.isin(labels, visited)
+    if inside.all() or not inside.any():
+        return None
+    kept = np.flatnonzero(inside)
+    return {
+        "states": [populations.BACKBONE_STATES[s] for s in visited],
+        "weight_outside": float(weights[~inside].sum() / weights.sum()),
+        "energy_w2_kT": metrics.energy_w2(energies[kept], reference_energies, weights=weights[kept]),
+        "torus_w2": metrics.torus_w2(
+            metrics.backbone_dihedrals(traj[kept]), metrics.backbone_dihedrals(reference), weights=weights[kept],
+            max_samples=max_samples, seed=seed,
+        ),
+    }
 
 
 def independent_samples(samples) -> bool:

@@ -18,8 +18,14 @@ normalised Kish ESS of the proposals' exact weights; SMC: the smallest ESS the w
 before a resampling), E-W2 (kT) and T-W2 (backbone phi/psi on the torus), and the weighted
 populations of C7eq/beta, alphaR and alphaL/C7ax. Its last row is MD's own noise floor: the
 reference's first half against its second half. A run at that row's values is as close to the
-reference as another MD run of that length would be.
+reference as another MD run of that length would be. The reference MD never visits alphaL/C7ax
+(phi > 0), so E-W2 and T-W2 are measured on the states it visits (the weight the samples put
+outside them is printed), and the alphaL/C7ax population is compared with umbrella sampling's.
 """
+
+#: P(alphaL/C7ax) of ad2 at 300 K from umbrella sampling on a (phi, psi) grid with MBAR, and its
+#: standard error (benchmarks/RESULTS.md, "Rare basins"; benchmarks/umbrella_sampling.py).
+UMBRELLA_ALPHA_L = (0.0224, 0.0006)
 
 #: Default sizes: enough importance-sampling proposals, and SMC particles, that E-W2 and T-W2
 #: sit at the reference's own noise floor, in about two minutes on two CPU cores.
@@ -123,12 +129,15 @@ def _print_table(summary: dict) -> None:
 
     floor = summary["noise_floor"]
     rows = [("", "particles", "ESS", "E-W2 (kT)", "T-W2", "C7eq/aR/aL", "seconds")]
-    reference_populations = None
+    reference_populations, outside = None, {}
     for name, r in summary["runs"].items():
         states = r.get("states") or {}
         reference_populations = states.get("reference", reference_populations)
-        rows.append((name.replace("_", " "), f"{r['n_particles']:,}", f"{r['ess']:.3f}", f"{r['energy_w2_kT']:.3f}",
-                     f"{r['torus_w2']:.3f}", populations(states.get("samples", [])), f"{r['seconds']:.1f}"))
+        measured = r.get("on_reference_states") or r
+        if "on_reference_states" in r:
+            outside[name] = r["on_reference_states"]["weight_outside"]
+        rows.append((name.replace("_", " "), f"{r['n_particles']:,}", f"{r['ess']:.3f}", f"{measured['energy_w2_kT']:.3f}",
+                     f"{measured['torus_w2']:.3f}", populations(states.get("samples", [])), f"{r['seconds']:.1f}"))
     rows.append(("MD half vs half (floor)", f"{floor['frames_per_half']:,}", "-", f"{floor['energy_w2_kT']:.3f}",
                  f"{floor['torus_w2']:.3f}", populations(floor["states"]["first_half"]), "-"))
     if reference_populations is not None:
@@ -137,5 +146,10 @@ def _print_table(summary: dict) -> None:
     for row in rows:
         print(row[0].ljust(widths[0]) + "".join(cell.rjust(width + 2) for cell, width in zip(row[1:], widths[1:])),
               file=sys.stderr)
+    if outside:
+        p, error = UMBRELLA_ALPHA_L
+        print("E-W2 and T-W2 on the states the reference MD visits; the samples' weight outside them (alphaL/C7ax): "
+              + ", ".join(f"{name.replace('_', ' ')} {w:.4f}" for name, w in outside.items())
+              + f". Umbrella sampling: {p} +- {error}.", file=sys.stderr)
     print(f"model {summary['model']}; {summary['seconds']:.0f} s in all. E-W2 and T-W2 at the floor row's values "
           "mean the samples are as close to the reference as MD's own halves are to each other.", file=sys.stderr)
