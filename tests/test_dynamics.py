@@ -280,8 +280,9 @@ def test_unsupported_system_is_refused_with_the_reason(ad2, tmp_path):
 def test_md_command_with_walkers_writes_training_data(ad2, tmp_path, capsys):
     out = tmp_path / "walkers.h5"
     args = ["md", "ad2", "--walkers", "4", "--ns", "0.003", "--frame-interval-ps", "0.1", "--equilibration-ps", "0.05",
-            "--out", str(out), "--no-progress"]
+            "--threads", "1", "--out", str(out), "--no-progress"]
     assert main(args) == 0
+    assert torch.get_num_threads() == 1
     assert '"walkers": 4' in capsys.readouterr().out
     train, val, _ = data.training_frames([str(out)], ad2)
     assert len(train) == 4 * 24 and len(val) == 4 * 3

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also sample these temperatures from the same flow")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cpu", help="torch device of the flow")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of every stage (default: torch's choice; on a shared CPU use 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -47,6 +49,10 @@ def run(args: argparse.Namespace) -> dict:
 
     from openmm_sbg.pipeline import PipelineConfig, run_pipeline
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     defaults = PipelineConfig()
     config = PipelineConfig(
         data=args.data, ns=args.ns, frame_interval_ps=args.frame_interval_ps, t_max_K=args.t_max,
