@@ -119,31 +119,33 @@ def independent_samples(samples) -> bool:
 
 
 def state_summary(samples, reference, log_weights, independent: bool) -> dict | None:
-    """Backbone-state populations (:mod:`openmm_sbg.populations`) of the first residue with phi and psi.
+    """Backbone-state populations (:mod:`openmm_sbg.populations`) of every residue with phi and psi.
 
     ``samples`` and ``reference`` (or ``None``) are mdtraj trajectories. Error bars are bootstrap
     errors when the samples are independent (importance sampling that keeps its weights); SMC
     particles and resampled proposals are correlated, so their error bars need repeated seeds
-    (:func:`openmm_sbg.populations.combine_repeats`) and none is given here.
+    (:func:`openmm_sbg.populations.combine_repeats`) and none is given here. ``"residues"`` holds
+    one entry per residue; the top-level populations are the first residue's (a dipeptide's only one).
     """
     from openmm_sbg import populations
 
     try:
-        labeller = populations.backbone_state_labeller(samples.topology)
+        names, labeller = populations.residue_state_labeller(samples.topology)
     except ValueError:
         return None  # not a peptide with a backbone residue
     labels, n = labeller(samples.xyz), len(populations.BACKBONE_STATES)
-    if independent:
-        pops, errors = populations.bootstrap_populations(labels, n, log_weights)
-        errors = errors.tolist()
-    else:
-        pops, errors = populations.state_populations(labels, n, log_weights), None
-    summary = {
-        "names": list(populations.BACKBONE_STATES),
-        "rule": populations.BACKBONE_STATE_RULE,
-        "samples": pops.tolist(),
-        "samples_bootstrap_error": errors,
-    }
-    if reference is not None:
-        summary["reference"] = populations.state_populations(labeller(reference.xyz), n).tolist()
-    return summary
+    reference_labels = None if reference is None else labeller(reference.xyz)
+    residues = []
+    for r, name in enumerate(names):
+        if independent:
+            pops, errors = populations.bootstrap_populations(labels[:, r], n, log_weights, seed=r)
+            errors = errors.tolist()
+        else:
+            pops, errors = populations.state_populations(labels[:, r], n, log_weights), None
+        residue = {"residue": name, "samples": pops.tolist(), "samples_bootstrap_error": errors}
+        if reference_labels is not None:
+            residue["reference"] = populations.state_populations(reference_labels[:, r], n).tolist()
+        residues.append(residue)
+    # The first residue's populations at the top level, as for a dipeptide; every residue's in "residues".
+    return {"names": list(populations.BACKBONE_STATES), "rule": populations.BACKBONE_STATE_RULE,
+            **{key: value for key, value in residues[0].items() if key != "residue"}, "residues": residues}

@@ -144,8 +144,9 @@ def free_energy_differences(populations, errors=None, reference: int = 0):
     return df, df_err
 
 
-def backbone_state_labeller(topology) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from positions ``[B, N, 3]`` (nm) to :func:`backbone_states` of the first residue with phi and psi.
+def residue_state_labeller(topology) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]]:
+    """Names of the residues with phi and psi (``"ALA2"``), and a function from positions ``[B, N, 3]`` (nm)
+    to the :func:`backbone_states` of each of them, ``[B, R]``.
 
     ``topology`` is an OpenMM or mdtraj Topology of a peptide (standard atom names).
     """
@@ -154,12 +155,27 @@ def backbone_state_labeller(topology) -> Callable[[np.ndarray], np.ndarray]:
     top = topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
     probe = mdtraj.Trajectory(np.zeros((1, top.n_atoms, 3), dtype=np.float32), top)
     (phi, _), (psi, _) = mdtraj.compute_phi(probe), mdtraj.compute_psi(probe)
-    if len(phi) == 0 or len(psi) == 0:
+    # phi of residue i ends at its C, psi starts at its N: pair them by the residue of their CA.
+    phi_of = {top.atom(int(q[2])).residue.index: q for q in phi}
+    psi_of = {top.atom(int(q[1])).residue.index: q for q in psi}
+    residues = sorted(set(phi_of) & set(psi_of))
+    if not residues:
         raise ValueError("the topology has no residue with both phi and psi; backbone states need a peptide")
-    quartets = np.stack([phi[0], psi[0]])
+    names = [str(top.residue(r)) for r in residues]
+    quartets = np.stack([q for r in residues for q in (phi_of[r], psi_of[r])])
 
     def labels(positions: np.ndarray) -> np.ndarray:
         traj = mdtraj.Trajectory(np.asarray(positions, dtype=np.float32), top)
-        return backbone_states(mdtraj.compute_dihedrals(traj, quartets))
+        angles = mdtraj.compute_dihedrals(traj, quartets).reshape(traj.n_frames, len(residues), 2)
+        return backbone_states(angles.reshape(-1, 2)).reshape(traj.n_frames, len(residues))
 
-    return labels
+    return names, labels
+
+
+def backbone_state_labeller(topology) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from positions ``[B, N, 3]`` (nm) to :func:`backbone_states` of the first residue with phi and psi.
+
+    ``topology`` is an OpenMM or mdtraj Topology of a peptide (standard atom names).
+    """
+    _, every_residue = residue_state_labeller(topology)
+    return lambda positions: every_residue(positions)[:, 0]
