@@ -95,17 +95,21 @@ def test_default_ess_of_the_shipped_internal_flow_is_the_exact_one(ad2):
 
 
 def test_importance_sampling_keeps_its_weights_unless_asked():
-    """n_steps=0 with resample_at_end=False never resamples, even far below resample_threshold."""
+    """n_steps=0 keeps the proposals and their weights by default (and with resample_at_end=False), even far
+    below resample_threshold; resample_at_end=True resamples them; SMC resamples at the end by default."""
     proposal = GaussianProposal(torch.zeros(2, 3), 1.0)
     target = GaussianTarget(torch.full((2, 3), 0.7), 0.5)
     options = dict(com_adjustment="none", clip_fraction=0.0, progress=False)
-    kept = SMCSampler(target, proposal, 500, 0, resample_at_end=False, resample_threshold=0.9, **options).run(0)
+    kept = SMCSampler(target, proposal, 500, 0, resample_threshold=0.9, **options).run(0)
     assert kept.ess < 0.3
+    explicit = SMCSampler(target, proposal, 500, 0, resample_at_end=False, resample_threshold=0.9, **options).run(0)
+    np.testing.assert_array_equal(explicit.log_weights, kept.log_weights)
     x = torch.as_tensor(kept.positions)
     np.testing.assert_allclose(kept.log_weights, (proposal.energy(x) - target.energy(x)).numpy(), rtol=1e-12)
     assert len(np.unique(kept.positions[:, 0, 0])) == 500
-    resampled = SMCSampler(target, proposal, 500, 0, **options).run(0)
+    resampled = SMCSampler(target, proposal, 500, 0, resample_at_end=True, **options).run(0)
     assert (resampled.log_weights == 0).all() and resampled.ess == kept.ess
+    assert SMCSampler(target, proposal, 8, 1, **options).options.resample_at_end
 
 
 def test_the_run_ess_is_the_smallest_before_a_resampling(tmp_path):
@@ -126,13 +130,15 @@ def test_the_run_ess_is_the_smallest_before_a_resampling(tmp_path):
     assert importance.ess == importance.info["ess_proposals"] == importance.ess_since_last_resampling
 
 
-def test_sample_with_zero_steps_and_no_final_resample_writes_the_weighted_proposals(tmp_path, capsys, ad2):
+@pytest.mark.parametrize("flag", [[], ["--no-final-resample"]])
+def test_sample_with_zero_steps_writes_the_weighted_proposals(tmp_path, capsys, ad2, flag):
+    """Importance sampling keeps its proposals and their weights by default, and with --no-final-resample."""
     flow = TarFlow(FlowConfig(width=16, n_blocks=1, layers_per_block=1, heads=1, representation="internal"),
                    target=ad2, std=0.2)
     flow.save(tmp_path / "flow.pt")
     out = tmp_path / "is.h5"
     code = cli.main(["sample", "--flow", str(tmp_path / "flow.pt"), "--n-particles", "32", "--n-steps", "0",
-                     "--no-final-resample", "--out", str(out), "--no-progress"])
+                     *flag, "--out", str(out), "--no-progress"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(stdout)
@@ -144,3 +150,16 @@ def test_sample_with_zero_steps_and_no_final_resample_writes_the_weighted_propos
     assert len(np.unique(samples.positions[:, 0, 0])) == 32
     assert samples.ess == pytest.approx(normalised_ess(torch.as_tensor(samples.log_weights)))
     assert math.isfinite(samples.log_z)
+
+
+def test_sample_resamples_importance_sampling_when_asked(tmp_path, capsys, ad2):
+    flow = TarFlow(FlowConfig(width=16, n_blocks=1, layers_per_block=1, heads=1, representation="internal"),
+                   target=ad2, std=0.2)
+    flow.save(tmp_path / "flow.pt")
+    out = tmp_path / "is.h5"
+    code = cli.main(["sample", "--flow", str(tmp_path / "flow.pt"), "--n-particles", "32", "--n-steps", "0",
+                     "--final-resample", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    samples = SMCResult.load(out)
+    assert (samples.log_weights == samples.log_weights[0]).all()  # equal weights: resampled
+    assert len(np.unique(samples.positions[:, 0, 0])) < 32  # an untrained flow's heavy proposals repeat

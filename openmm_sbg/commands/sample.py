@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("--resampling", "resampling scheme", choices=list(RESAMPLERS))
     option("--resample-threshold", "during annealing, resample when the normalised ESS drops below this "
            "(importance sampling ignores it)", type=float)
-    parser.add_argument("--no-final-resample", dest="resample_at_end", action="store_false",
-                        help="keep weighted particles at t = 1 (with --n-steps 0: the independent proposals and their weights)")
+    parser.add_argument("--final-resample", dest="resample_at_end", action=argparse.BooleanOptionalAction, default=None,
+                        help="resample at t = 1 so the particles come out equally weighted (default: yes for SMC; no for "
+                             "importance sampling, --n-steps 0, which keeps the independent proposals and their exact weights)")
     option("--energy-cutoff", "drop proposals above this energy in kT", type=float)
     parser.add_argument("--clip-fraction", type=_clip_fraction, default=None, metavar="FRACTION|auto",
                         help="drop this fraction of the largest log-weights (default auto: 0.002, the paper's, with "

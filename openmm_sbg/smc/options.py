@@ -53,8 +53,8 @@ class SMCOptions:
         ``t = 1``). Importance sampling (``n_steps=0``) ignores it.
     resample_at_end
         Resample at ``t = 1`` so the output particles are equally weighted; ``False`` keeps
-        the weighted particles (for importance sampling: the independent proposals with
-        their weights).
+        the weighted particles. ``None`` (default): resample after annealing (``n_steps > 0``),
+        keep importance sampling's independent proposals and their weights (``n_steps=0``).
     energy_cutoff
         Drop proposals whose target energy exceeds this many kT (``None``: keep all
         finite). Clashing proposals otherwise produce huge forces in the Langevin moves.
@@ -91,7 +91,7 @@ class SMCOptions:
     n_mcmc_steps: int = 1
     resampling: str | Resampler = "systematic"
     resample_threshold: float = 0.5
-    resample_at_end: bool = True
+    resample_at_end: bool | None = None
     energy_cutoff: float | None = None
     clip_fraction: float | None = None
     com_adjustment: str = DEFAULT_COM_ADJUSTMENT
@@ -125,10 +125,11 @@ class SMCOptions:
             object.__setattr__(self, "checkpoint_path", os.fspath(self.checkpoint_path))
 
     def resolved(self, flow) -> SMCOptions:
-        """These options with ``com_adjustment="auto"`` and ``clip_fraction=None`` made concrete for ``flow``."""
+        """These options with ``com_adjustment="auto"``, ``clip_fraction=None`` and ``resample_at_end=None`` made concrete for ``flow``."""
         com_adjustment = resolve_com_adjustment(self.com_adjustment, flow)
         clip_fraction = resolve_clip_fraction(self.clip_fraction, com_adjustment)
-        return dataclasses.replace(self, com_adjustment=com_adjustment, clip_fraction=clip_fraction)
+        resample_at_end = self.n_steps != 0 if self.resample_at_end is None else self.resample_at_end
+        return dataclasses.replace(self, com_adjustment=com_adjustment, clip_fraction=clip_fraction, resample_at_end=resample_at_end)
 
     def resume_key(self) -> dict:
         """The options a checkpoint must share to be resumed, in a form ``torch.load`` reads back.
