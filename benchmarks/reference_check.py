@@ -1,0 +1,66 @@
+"""Do two replica-exchange runs of a peptide agree? Per-residue backbone-state populations and torsion W2.
+
+Each file is the target-temperature output of ``openmm-sbg md SYSTEM --walkers C --replica-exchange``
+(frames stored copy by copy). Per file: every residue's C7eq/beta, alphaR and alphaL/C7ax
+populations after ``--burn-in-ps`` of each copy, with the standard error over copies, and the
+torsion W2 of its first half of frames against its second; for two files, the torsion W2 between
+them and each population's difference in combined standard errors (z).
+
+Run: ``nice python benchmarks/reference_check.py --copies 8 --burn-in-ps 100 a.h5 b.h5``; writes
+``results/reference_check-<name of the first file>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import mdtraj
+import numpy as np
+
+from openmm_sbg import metrics, populations
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def one_run(path: str, copies: int, burn_in_frames: int) -> tuple[dict, np.ndarray]:
+    traj = mdtraj.load(path)
+    if traj.n_frames % copies:
+        raise SystemExit(f"{path}: {traj.n_frames} frames do not split into {copies} copies")
+    names, labeller = populations.residue_state_labeller(traj.topology)
+    per_copy = traj.n_frames // copies
+    keep = np.concatenate([np.arange(c * per_copy + burn_in_frames, (c + 1) * per_copy) for c in range(copies)])
+    labels = labeller(traj.xyz[keep]).reshape(copies, -1, len(names))
+    shares = (labels[..., None] == np.arange(len(populations.BACKBONE_STATES))).mean(axis=1)  # [copy, residue, state]
+    angles = metrics.backbone_dihedrals(traj[keep])
+    half = len(angles) // 2
+    return {
+        "file": path, "residues": names, "states": list(populations.BACKBONE_STATES), "frames_used": int(len(keep)),
+        "populations": shares.mean(0).tolist(), "standard_errors": (shares.std(0, ddof=1) / np.sqrt(copies)).tolist(),
+        "torus_w2_half_vs_half": metrics.torus_w2(angles[:half], angles[half:]),
+    }, angles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--copies", type=int, default=8, help="ladder copies (--walkers) of each run")
+    parser.add_argument("--burn-in-ps", type=int, default=100, help="frames (1 ps apart) dropped at the start of each copy")
+    args = parser.parse_args()
+    runs, angles = zip(*(one_run(path, args.copies, args.burn_in_ps) for path in args.files))
+    report = {"runs": list(runs)}
+    if len(runs) == 2:
+        p = [np.array(run["populations"]) for run in runs]
+        e = [np.array(run["standard_errors"]) for run in runs]
+        report["z_first_minus_second"] = ((p[0] - p[1]) / np.sqrt(e[0] ** 2 + e[1] ** 2 + 1e-300)).tolist()
+        report["torus_w2_run_vs_run"] = metrics.torus_w2(angles[0], angles[1])
+    os.makedirs(RESULTS, exist_ok=True)
+    name = os.path.splitext(os.path.basename(args.files[0]))[0]
+    with open(os.path.join(RESULTS, f"reference_check-{name}.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
