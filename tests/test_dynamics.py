@@ -1,5 +1,6 @@
 """Batched Langevin walkers and in-batch replica exchange: OpenMM's scheme, exact toys, resume, CLI."""
 
+import dataclasses
 import h5py
 import numpy as np
 import openmm
@@ -224,7 +225,16 @@ def test_batched_md_resumes_to_the_same_file(ad2, tmp_path):
     run_batched_md(ad2, resumed, CONFIG, 3, progress=False)
     np.testing.assert_array_equal(data.load_positions(whole, ad2), data.load_positions(resumed, ad2))
     np.testing.assert_array_equal(data.read_metadata(whole)["energies_kT"], data.read_metadata(resumed)["energies_kT"])
-    assert not (tmp_path / "resumed.h5.work").exists()
+
+
+def test_a_complete_batched_run_extends_to_more_frames(ad2, tmp_path):
+    longer = dataclasses.replace(CONFIG, n_frames=18)
+    direct, extended = str(tmp_path / "direct.h5"), str(tmp_path / "extended.h5")
+    run_batched_md(ad2, direct, longer, 2, progress=False)
+    assert run_batched_md(ad2, extended, CONFIG, 2, progress=False).frames == 24
+    result = run_batched_md(ad2, extended, longer, 2, progress=False)
+    assert result.status == "complete" and result.frames == 36
+    np.testing.assert_array_equal(data.load_positions(direct, ad2), data.load_positions(extended, ad2))
 
 
 def test_batched_replica_exchange_resumes_and_writes_both_files(ad2, tmp_path):

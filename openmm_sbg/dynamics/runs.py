@@ -16,7 +16,9 @@ and, with ``all_replicas``, every walker's to ``<out stem>-all-replicas<ext>`` w
 
 A run keeps its progress in ``<out>.work/`` (frame chunks, the engine's state, a progress
 file, written in that order), so rerunning the same call resumes bit for bit; other settings
-are refused with the differences named; a larger frame count extends a run.
+are refused with the differences named. The folder stays when the run completes, so the same
+call with a larger frame count extends it (bit for bit as if it had asked for that many at
+first); delete the folder once the run is final.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class BatchedRunResult:
     exchange_acceptance: list[float] | None = None
     all_replicas: str | None = None
     work_dir: str | None = None
+    """The run's progress folder: resume an interrupted run, or extend a complete one, from it."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -268,7 +271,6 @@ class _Run:
         bar.close()
         wall = time.perf_counter() - wall_start
         written = self._write(progress["chunks_done"], all_replicas)
-        shutil.rmtree(self.work)
         return self._result("complete", written, None, engine, progress, first_step, wall_start, wall)
 
     # ------------------------------------------------------------------ output
@@ -314,5 +316,5 @@ class _Run:
             kinetic_temperature_ratio=progress["kinetic_ratio_sum"] / max(1, progress["frames_done"]),
             device=str(self.device), precision=self.options.precision,
             exchange_acceptance=self.exchange.acceptance() if self.exchange else None,
-            all_replicas=all_out, work_dir=self.work if status == "interrupted" else None,
+            all_replicas=all_out, work_dir=self.work,
         )
