@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.io import atomic_path, atomic_write_text
+from openmm_sbg.resume import check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -205,30 +206,6 @@ def run_md(
         "wall_s": wall,
         "ns_per_day": ns_this_run / wall * 86400 if wall > 0 and steps_run else None,
     }
-
-
-def check_resume_settings(work_path: str, saved: dict, settings: dict) -> None:
-    """Refuse to resume the run kept in ``work_path`` if its stored ``saved`` settings differ from ``settings``.
-
-    Both are compared as JSON stores them (tuples become lists); the error names each
-    setting that differs.
-    """
-    saved, settings = json.loads(json.dumps(saved)), json.loads(json.dumps(settings))
-    if saved == settings:
-        return
-    differences = [f"{key}: {old!r} then, {new!r} now" for key, old, new in _differences(saved, settings)]
-    raise ValueError(
-        f"{work_path} holds an interrupted run with other settings ({'; '.join(differences)}); delete that folder "
-        "to start over, or rerun with the same settings to resume it"
-    )
-
-
-def _differences(old, new, prefix: str = ""):
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-    elif old != new:
-        yield prefix.rstrip("."), old, new
 
 
 def write_trajectory(

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.io import atomic_write_text, read_json
-from openmm_sbg.md import MDConfig, check_resume_settings, split_labels, write_trajectory
+from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+from openmm_sbg.resume import check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
 

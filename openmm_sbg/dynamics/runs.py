@@ -45,7 +45,8 @@ from openmm_sbg.dynamics.langevin import (
     system_masses,
 )
 from openmm_sbg.io import atomic_path, atomic_write_text, read_json
-from openmm_sbg.md import MDConfig, check_resume_settings, split_labels, write_trajectory
+from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+from openmm_sbg.resume import check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
 #: Largest frame chunk kept in memory between checkpoints (bytes of float32 positions).
