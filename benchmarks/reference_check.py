@@ -3,8 +3,10 @@
 Each file is the target-temperature output of ``openmm-sbg md SYSTEM --walkers C --replica-exchange``
 (frames stored copy by copy). Per file: every residue's C7eq/beta, alphaR and alphaL/C7ax
 populations after ``--burn-in-ps`` of each copy, with the standard error over copies, and the
-torsion W2 of its first half of frames against its second; for two files, the torsion W2 between
-them and each population's difference in combined standard errors (z).
+torsion W2 of its first half of frames (copies) against its second, next to the same distance between
+two random halves of its frames: the floor that finite samples alone give, which a converged run's
+halves reach; for two files, the torsion W2 between them (and between random halves of the two
+pooled, its floor) and each population's difference in combined standard errors (z).
 
 Run: ``nice python benchmarks/reference_check.py --copies 8 --burn-in-ps 100 a.h5 b.h5``; writes
 ``results/reference_check-<name of the first file>.json``.
@@ -39,7 +41,15 @@ def one_run(path: str, copies: int, burn_in_frames: int) -> tuple[dict, np.ndarr
         "file": path, "residues": names, "states": list(populations.BACKBONE_STATES), "frames_used": int(len(keep)),
         "populations": shares.mean(0).tolist(), "standard_errors": (shares.std(0, ddof=1) / np.sqrt(copies)).tolist(),
         "torus_w2_half_vs_half": metrics.torus_w2(angles[:half], angles[half:]),
+        "torus_w2_random_halves": random_halves_w2(angles),
     }, angles
+
+
+def random_halves_w2(angles: np.ndarray, seed: int = 0) -> float:
+    """Torsion W2 between two random halves of ``angles``: what sampling noise alone gives at this size."""
+    order = np.random.default_rng(seed).permutation(len(angles))
+    half = len(angles) // 2
+    return metrics.torus_w2(angles[order[:half]], angles[order[half:]])
 
 
 def main() -> None:
@@ -55,6 +65,7 @@ def main() -> None:
         e = [np.array(run["standard_errors"]) for run in runs]
         report["z_first_minus_second"] = ((p[0] - p[1]) / np.sqrt(e[0] ** 2 + e[1] ** 2 + 1e-300)).tolist()
         report["torus_w2_run_vs_run"] = metrics.torus_w2(angles[0], angles[1])
+        report["torus_w2_run_vs_run_floor"] = random_halves_w2(np.concatenate(angles))
     os.makedirs(RESULTS, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.files[0]))[0]
     with open(os.path.join(RESULTS, f"reference_check-{name}.json"), "w") as handle:
