@@ -5,8 +5,9 @@ drawing its proposals, the flow and force-field evaluations, the Langevin moves.
 that couples particles is global and replicated: every process keeps the log-weights and the
 two path energies of *all* particles (a few numbers per particle, refreshed with an
 ``all_gather`` after each move), so the schedule, ESS, log Z, filters and resampling indices
-are computed by the unchanged :class:`~openmm_sbg.smc.SMCSampler` code on identical inputs in
-every process, with the same generator state. Resampling then moves each particle to the
+are computed by the unchanged :class:`~openmm_sbg.smc.step.SMCStep` on identical inputs in
+every process, with the same generator state; only moving the particles is sharded
+(:func:`move_sharded`). Resampling then moves each particle to the
 process that holds its new slot (``all_to_all``), and the slices are rebalanced.
 
 Random numbers are drawn exactly as one process draws them (each process draws the whole

@@ -44,6 +44,7 @@ class SMCRun:
     ``state`` is a :class:`~openmm_sbg.smc.PathState` (or anything that stands in for one,
     as the sharded sampler's state does); everything else is plain numbers and tensors, so
     :meth:`to_dict` is what a checkpoint stores and ``torch.load(weights_only=True)`` reads.
+    A step makes a new run (:class:`~openmm_sbg.smc.step.SMCStep`); none is changed in place.
     """
 
     seed: int
