@@ -96,9 +96,9 @@ def run_md_curve(target, scorer: Scorer, ns: float, platform: str, seed: int, lo
     config = md.MDConfig(n_frames=int(round(ns * 2000)), seed=seed)  # a frame every 0.5 ps, as openmm-sbg md
     with Timer() as timer:
         summary = md.run_md(target, out, config, platform=platform, progress=False)
-    loop = summary["wall_s"]  # the stepping loop (frames, checkpoints)
+    loop = summary.wall_s  # the stepping loop (frames, checkpoints)
     overhead = timer.seconds - loop  # minimisation, 10 ps equilibration, writing the file: all counted up front
-    per_frame = loop / summary["frames"]
+    per_frame = loop / summary.frames
     angles, energies = dihedrals_and_energies(out)
     points = []
     for n in prefix_lengths(len(energies)):
@@ -113,7 +113,7 @@ def run_md_curve(target, scorer: Scorer, ns: float, platform: str, seed: int, lo
         # The longer run may save frames at another interval: convert through simulated time.
         frame_ns = float(data.load_trajectory(long_md)[:2].timestep) * 1e-3
         for n in prefix_lengths(len(long_energies)):
-            if n * frame_ns <= summary["simulated_ns"]:
+            if n * frame_ns <= summary.simulated_ns:
                 continue
             point = {
                 "source": os.path.relpath(long_md, ROOT),
@@ -130,10 +130,10 @@ def run_md_curve(target, scorer: Scorer, ns: float, platform: str, seed: int, lo
     return {
         "platform": platform,
         "seed": seed,
-        "simulated_ns": summary["simulated_ns"],
+        "simulated_ns": summary.simulated_ns,
         "total_seconds": timer.seconds,
         "overhead_seconds": overhead,
-        "ns_per_day": summary["ns_per_day"],
+        "ns_per_day": summary.ns_per_day,
         "long_md": long_md,
         "long_md_populations": long_populations,
         "points": points,

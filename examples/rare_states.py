@@ -32,7 +32,7 @@ if args.workflow:
     config = PipelineConfig(data="replica-exchange", ns=1.0, n_steps=0, n_particles=args.n_proposals,
                             sample_temperatures_K=(args.temperatures[1],))
     summary = run_pipeline(systems.get("ad2", temperature=args.temperatures[0] * unit.kelvin), args.workflow, config)
-    for kelvin, result in summary["temperatures"].items():
+    for kelvin, result in summary.temperatures.items():
         states = result["states"]
         print(f"{kelvin} K: " + ", ".join(f"{n} {p:.4f} ± {e:.4f}" for n, p, e in zip(states["names"], states["samples"], states["samples_bootstrap_error"])))
 else:

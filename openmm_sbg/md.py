@@ -57,6 +57,52 @@ class MDConfig:
             raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
 
 
+@dataclasses.dataclass
+class RunResult:
+    """What one call of a resumable run did: complete, or interrupted with its progress folder.
+
+    :meth:`to_dict` is the command's JSON summary, ``from_dict`` reads it back.
+    """
+
+    #: Fields a complete run leaves out of :meth:`to_dict` when they are ``None``.
+    optional_fields = ()
+
+    status: str
+    """``"complete"``, or ``"interrupted"`` (``stop_after_frames``)."""
+    out: str | None
+    """The trajectory written (complete runs)."""
+    frames: int
+    """Frames in ``out`` (complete), or recorded so far (interrupted)."""
+    work_dir: str | None = dataclasses.field(default=None, kw_only=True)
+    """The progress folder an interrupted run resumes from."""
+
+    def to_dict(self) -> dict:
+        """The fields a run with this status reports (an interrupted one: status, frames and work_dir)."""
+        if self.status == "interrupted":
+            return {"status": self.status, "frames": self.frames, "work_dir": self.work_dir}
+        return {
+            name: value
+            for name, value in dataclasses.asdict(self).items()
+            if name != "work_dir" and not (value is None and name in self.optional_fields)
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """The result whose :meth:`to_dict` gave ``values``."""
+        return cls(**{"out": None, **values})
+
+
+@dataclasses.dataclass
+class MDRunResult(RunResult):
+    """What one call of :func:`run_md` did."""
+
+    simulated_ns: float | None = None
+    platform: str | None = None
+    wall_s: float | None = None
+    ns_per_day: float | None = None
+    """Simulated ns per day of this call; ``None`` if it ran no steps."""
+
+
 def split_labels(n_frames: int, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:
     """Split codes (0 train, 1 val, 2 test) for contiguous time blocks of a trajectory."""
     bounds = np.round(np.cumsum(fractions) * n_frames).astype(int)
@@ -113,7 +159,7 @@ def run_md(
     platform: str | None = None,
     progress: bool = True,
     stop_after_frames: int | None = None,
-) -> dict:
+) -> MDRunResult:
     """Run MD of ``target`` and write ``out`` (.h5, .dcd or .xtc), resuming if a run was interrupted.
 
     Parameters
@@ -132,8 +178,8 @@ def run_md(
 
     Returns
     -------
-    dict
-        Summary: frames, simulated ns, wall time, ns/day, platform, output path.
+    MDRunResult
+        Frames, simulated ns, wall time, ns/day, platform, output path.
     """
     if target.positions is None:
         raise ValueError("the target has no starting positions; build it with positions=... or from a PDB")
@@ -188,7 +234,7 @@ def run_md(
         chunks_done += 1
         if stop_after_frames is not None and frames_done >= stop_after_frames and frames_done < config.n_frames:
             bar.close()
-            return {"status": "interrupted", "frames": frames_done, "work_dir": work.path}
+            return MDRunResult(status="interrupted", out=None, frames=frames_done, work_dir=work.path)
     bar.close()
     wall = time.perf_counter() - start
 
@@ -197,15 +243,15 @@ def run_md(
     shutil.rmtree(work.path)
     ns_per_frame = config.steps_per_frame * config.timestep_fs * 1e-6
     ns_this_run = steps_run * config.timestep_fs * 1e-6
-    return {
-        "status": "complete",
-        "out": out,
-        "frames": int(len(xyz)),
-        "simulated_ns": len(xyz) * ns_per_frame,
-        "platform": context.getPlatform().getName(),
-        "wall_s": wall,
-        "ns_per_day": ns_this_run / wall * 86400 if wall > 0 and steps_run else None,
-    }
+    return MDRunResult(
+        status="complete",
+        out=out,
+        frames=int(len(xyz)),
+        simulated_ns=len(xyz) * ns_per_frame,
+        platform=context.getPlatform().getName(),
+        wall_s=wall,
+        ns_per_day=ns_this_run / wall * 86400 if wall > 0 and steps_run else None,
+    )
 
 
 def write_trajectory(

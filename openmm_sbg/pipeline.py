@@ -35,6 +35,17 @@ from openmm import unit
 
 from openmm_sbg.flow.training import TrainOptions
 from openmm_sbg.io import atomic_write_text, read_json
+from openmm_sbg.pipeline_results import (
+    DataResult,
+    PipelineSummary,
+    SamplingRecord,
+    SeededRun,
+    SeedingResult,
+    StageRecord,
+    TrainingRecord,
+    data_result_from_dict,
+)
+from openmm_sbg.resume import check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
 DATA_SOURCES = ("md", "replica-exchange")
@@ -98,7 +109,7 @@ def run_pipeline(
     platform: str | None = None,
     device: str = "cpu",
     progress: bool = True,
-) -> dict:
+) -> PipelineSummary:
     """Run (or continue) data -> train -> sample -> evaluate for ``target`` in ``folder``.
 
     Returns the summary also written to ``folder/summary.json``: each stage's wall-clock (and
@@ -110,59 +121,63 @@ def run_pipeline(
     os.makedirs(folder, exist_ok=True)
     _check_settings(folder, target, config)
     stages = {}
-    stages["data"] = _stage(folder, "data", lambda: _make_data(target, folder, config, platform, progress, device))
+    stages["data"] = _stage(folder, "data", lambda: _make_data(target, folder, config, platform, progress, device),
+                            data_result_from_dict)
     files = [os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")]
     if config.data == "replica-exchange" and config.seeded_ns > 0:
-        stages["seed"] = _stage(folder, "seed", lambda: _seed(target, folder, config, platform, progress))
-        files += [run["out"] for run in stages["seed"]["result"]["runs"]]
-    stages["train"] = _stage(folder, "train", lambda: _train(target, folder, files, config, device, progress))
+        stages["seed"] = _stage(folder, "seed", lambda: _seed(target, folder, config, platform, progress),
+                                SeedingResult.from_dict)
+        files += [run.out for run in stages["seed"].result.runs]
+    stages["train"] = _stage(folder, "train", lambda: _train(target, folder, files, config, device, progress),
+                             TrainingRecord.from_dict)
     flow_path = os.path.join(folder, "flow.pt")
     samples = {}
     for kelvin in _temperatures(target, config):
         name = f"sample-{kelvin:g}K"
-        stages[name] = _stage(folder, name, lambda k=kelvin: _sample(target, flow_path, folder, k, config, device, progress))
-        samples[kelvin] = stages[name]["result"]["out"]
+        stages[name] = _stage(folder, name, lambda k=kelvin: _sample(target, flow_path, folder, k, config, device, progress),
+                              SamplingRecord.from_dict)
+        samples[kelvin] = stages[name].result.out
     start = time.perf_counter()
     evaluation = _evaluate(target, folder, samples)
-    stages["evaluate"] = {"seconds": time.perf_counter() - start, "ran_now": True}
-    summary = {
-        "system": target.name,
-        "folder": os.path.abspath(folder),
-        "config": config.to_dict(),
-        "wall_clock_s": {name: stage["seconds"] for name, stage in stages.items()},
-        "ran_now": [name for name, stage in stages.items() if stage["ran_now"]],
-        "data": stages["data"]["result"],
-        "seeded": stages["seed"]["result"] if "seed" in stages else None,
-        "training": stages["train"]["result"],
-        "temperatures": evaluation,
-    }
-    atomic_write_text(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2, default=float) + "\n")
+    stages["evaluate"] = StageRecord(result=evaluation, seconds=time.perf_counter() - start, ran_now=True)
+    summary = PipelineSummary(
+        system=target.name,
+        folder=os.path.abspath(folder),
+        config=config.to_dict(),
+        wall_clock_s={name: stage.seconds for name, stage in stages.items()},
+        ran_now=[name for name, stage in stages.items() if stage.ran_now],
+        data=stages["data"].result,
+        seeded=stages["seed"].result if "seed" in stages else None,
+        training=stages["train"].result,
+        temperatures=evaluation,
+    )
+    atomic_write_text(os.path.join(folder, "summary.json"), json.dumps(summary.to_dict(), indent=2, default=float) + "\n")
     return summary
 
 
 # ----------------------------------------------------------------------------- stages
-def _stage(folder: str, name: str, work) -> dict:
-    """Run ``work`` unless its record ``folder/stages/<name>.json`` exists; the record holds its result and wall-clock."""
+def _stage(folder: str, name: str, work, read) -> StageRecord:
+    """Run ``work`` unless its record ``folder/stages/<name>.json`` exists; the record holds its result and wall-clock.
+
+    ``work()`` returns the stage's result (with ``to_dict``); ``read`` makes it again from the record's JSON.
+    """
     record = os.path.join(folder, "stages", f"{name}.json")
     if os.path.exists(record):
-        return {**read_json(record), "ran_now": False}
+        done = read_json(record)
+        return StageRecord(result=read(done["result"]), seconds=done["seconds"], ran_now=False)
     start = time.perf_counter()
     result = work()
-    done = {"result": result, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
     os.makedirs(os.path.dirname(record), exist_ok=True)
-    atomic_write_text(record, json.dumps(done, indent=1, default=float))
-    return {**done, "ran_now": True}
+    atomic_write_text(record, json.dumps({"result": result.to_dict(), "seconds": seconds}, indent=1, default=float))
+    return StageRecord(result=result, seconds=seconds, ran_now=True)
 
 
 def _check_settings(folder: str, target: BoltzmannTarget, config: PipelineConfig) -> None:
     path = os.path.join(folder, "pipeline.json")
     settings = {"system": target.name, "n_atoms": target.n_atoms, "temperature_K": _kelvin(target), "config": config.to_dict()}
     if os.path.exists(path):
-        if read_json(path) != settings:
-            raise ValueError(
-                f"{folder} holds a run with other settings ({path}); rerun with the same settings to continue it, "
-                "or use another folder"
-            )
+        check_resume_settings(folder, read_json(path), settings, remedy="rerun with the same settings to continue it, or use another folder")
         return
     atomic_write_text(path, json.dumps(settings, indent=1))
 
@@ -183,7 +198,7 @@ def _md_config(config: PipelineConfig, ns: float, seed: int):
                     seed=seed)
 
 
-def _make_data(target, folder, config: PipelineConfig, platform, progress, device="cpu") -> dict:
+def _make_data(target, folder, config: PipelineConfig, platform, progress, device="cpu") -> DataResult:
     from openmm_sbg.md import run_md
 
     md = _md_config(config, config.ns, config.seed)
@@ -204,7 +219,7 @@ def _make_data(target, folder, config: PipelineConfig, platform, progress, devic
     return run_replica_exchange(target, out, exchange, platform=platform or "Reference", all_replicas=True, progress=progress)
 
 
-def _batched_replica_exchange(target, out, exchange, device, progress) -> dict | None:
+def _batched_replica_exchange(target, out, exchange, device, progress):
     """Replica exchange on the batched engine, in copies of the ladder that fill a batch (the same frames per
     temperature); ``None`` where that engine cannot run the System (a notice says why) or an openmmtools run is resumed."""
     import sys
@@ -222,10 +237,10 @@ def _batched_replica_exchange(target, out, exchange, device, progress) -> dict |
     except dynamics.BatchedEngineUnavailable as err:
         print(f"openmm-sbg: {err}; replica exchange runs on OpenMM (openmmtools) instead", file=sys.stderr)
         return None
-    return run.to_dict()
+    return run
 
 
-def _seed(target, folder, config: PipelineConfig, platform, progress) -> dict:
+def _seed(target, folder, config: PipelineConfig, platform, progress) -> SeedingResult:
     """MD at the target temperature from a replica-exchange frame of each backbone state rare there."""
     import copy
 
@@ -237,7 +252,7 @@ def _seed(target, folder, config: PipelineConfig, platform, progress) -> dict:
     try:
         labeller = populations.backbone_state_labeller(target.topology)
     except ValueError as err:
-        return {"runs": [], "skipped": str(err)}
+        return SeedingResult(runs=[], skipped=str(err))
     path = os.path.join(folder, "data-all-replicas.h5")
     positions = load_positions(path, target)
     seeds = rare_state_seeds(labeller(positions), read_metadata(path)["frame_temperature_K"], _kelvin(target),
@@ -249,12 +264,12 @@ def _seed(target, folder, config: PipelineConfig, platform, progress) -> dict:
         start.positions = positions[seed["frame"]].astype(float)
         md = _md_config(config, config.seeded_ns, config.seed + 1 + seed["state"])
         # A finished run of an interrupted stage is kept: run_md would redo it.
-        result = {"out": out, "status": "complete"} if os.path.exists(out) else run_md(start, out, md, platform=platform, progress=progress)
-        runs.append({**seed, "state_name": populations.BACKBONE_STATES[seed["state"]], **result})
-    return {"runs": runs, "below": config.seed_below}
+        result = None if os.path.exists(out) else run_md(start, out, md, platform=platform, progress=progress)
+        runs.append(SeededRun(**seed, state_name=populations.BACKBONE_STATES[seed["state"]], out=out, md=result))
+    return SeedingResult(runs=runs, below=config.seed_below)
 
 
-def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> dict:
+def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> TrainingRecord:
     from openmm_sbg.data import training_frames
     from openmm_sbg.flow import TarFlow, train
 
@@ -268,17 +283,17 @@ def _train(target, folder, files: list[str], config: PipelineConfig, device, pro
             progress=progress, metadata={"data": files, "preset": config.preset},
         )
     record = flow.metadata
-    return {
-        "flow": path,
-        "n_train": record["n_train"],
-        "steps": record["steps"],
-        "selected_step": record["selected_step"],
-        "val_nll_per_dim": record["val_nll_per_dim"],
-        "train_seconds": record["train_seconds"],
-    }
+    return TrainingRecord(
+        flow=path,
+        n_train=record["n_train"],
+        steps=record["steps"],
+        selected_step=record["selected_step"],
+        val_nll_per_dim=record["val_nll_per_dim"],
+        train_seconds=record["train_seconds"],
+    )
 
 
-def _sample(target, flow_path, folder, kelvin, config: PipelineConfig, device, progress) -> dict:
+def _sample(target, flow_path, folder, kelvin, config: PipelineConfig, device, progress) -> SamplingRecord:
     from openmm_sbg.flow import TarFlow
     from openmm_sbg.sampling import sample
 
@@ -288,11 +303,11 @@ def _sample(target, flow_path, folder, kelvin, config: PipelineConfig, device, p
     )
     flow = TarFlow.load(flow_path, target=at_temperature, map_location=device)
     out = os.path.join(folder, f"samples-{kelvin:g}K.h5")
-    return sample(
+    return SamplingRecord(sample(
         at_temperature, flow, out, seed=config.seed, n_particles=config.n_particles, n_steps=config.n_steps,
         kernel=config.kernel, progress=progress,
         resample_at_end=False, **(_INDEPENDENT_PROPOSALS if config.n_steps == 0 else {}),
-    )
+    ))
 
 
 def _evaluate(target, folder, samples: dict) -> dict:

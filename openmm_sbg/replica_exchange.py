@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.io import atomic_write_text, read_json
-from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+from openmm_sbg.md import MDConfig, RunResult, split_labels, write_trajectory
 from openmm_sbg.resume import check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
@@ -64,6 +64,22 @@ class ReplicaExchangeConfig:
         return max(1, round(self.md.equilibration_steps / self.md.steps_per_frame))
 
 
+@dataclasses.dataclass
+class ReplicaExchangeResult(RunResult):
+    """What one call of :func:`run_replica_exchange` did; ``out`` holds the lowest temperature's frames."""
+
+    optional_fields = ("all_replicas",)
+
+    temperatures_K: list[float] | None = None
+    exchange_acceptance: list[float] | None = None
+    """Fraction of accepted swaps between each pair of neighbouring temperatures, over the whole run."""
+    simulated_ns_per_replica: float | None = None
+    wall_s: float | None = None
+    iterations_this_call: int | None = None
+    all_replicas: str | None = None
+    """Every replica's frames (with ``all_replicas``)."""
+
+
 def geometric_ladder(t_min: float, t_max: float, n: int) -> tuple[float, ...]:
     """``n`` temperatures from ``t_min`` to ``t_max`` (kelvin) with a constant ratio between neighbours."""
     if n < 2 or not 0 < t_min < t_max:
@@ -79,10 +95,10 @@ def run_replica_exchange(
     all_replicas: bool = False,
     progress: bool = True,
     stop_after_frames: int | None = None,
-) -> dict:
+) -> ReplicaExchangeResult:
     """Run (or resume) temperature replica exchange of ``target`` and write ``out`` (.h5).
 
-    Returns a summary with the exchange acceptance of each neighbouring pair of temperatures.
+    The result holds the exchange acceptance of each neighbouring pair of temperatures.
     ``stop_after_frames`` stops early as an interruption would (for tests).
     """
     # openmmtools prints its citations to stdout, where the command's JSON summary goes.
@@ -90,7 +106,7 @@ def run_replica_exchange(
         return _run(target, out, config, platform, all_replicas, progress, stop_after_frames)
 
 
-def _run(target, out, config, platform, all_replicas, progress, stop_after_frames) -> dict:
+def _run(target, out, config, platform, all_replicas, progress, stop_after_frames) -> ReplicaExchangeResult:
     from openmmtools import cache, mcmc, multistate, states
 
     target_kelvin = target.temperature.value_in_unit(unit.kelvin)
@@ -145,7 +161,7 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
         if stop_after_frames is not None and recorded >= stop_after_frames and sampler.iteration < total:
             bar.close()
             reporter.close()
-            return {"status": "interrupted", "frames": recorded, "work_dir": work}
+            return ReplicaExchangeResult(status="interrupted", out=None, frames=recorded, work_dir=work)
     bar.close()
     wall = time.perf_counter() - start
 
@@ -156,16 +172,16 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
     low_xyz = frames[lowest.nonzero()]  # one replica per iteration, in iteration order
     low_energies = energies[lowest.nonzero()][:, 0]
     write_trajectory(out, target, low_xyz, low_energies, split_labels(len(low_xyz), config.md.split_fractions), config.md)
-    summary = {
-        "status": "complete",
-        "out": out,
-        "frames": int(len(low_xyz)),
-        "temperatures_K": list(config.temperatures_K),
-        "exchange_acceptance": acceptance,
-        "simulated_ns_per_replica": config.md.n_frames * config.md.steps_per_frame * config.md.timestep_fs * 1e-6,
-        "wall_s": wall,
-        "iterations_this_call": iterations_run,
-    }
+    result = ReplicaExchangeResult(
+        status="complete",
+        out=out,
+        frames=int(len(low_xyz)),
+        temperatures_K=list(config.temperatures_K),
+        exchange_acceptance=acceptance,
+        simulated_ns_per_replica=config.md.n_frames * config.md.steps_per_frame * config.md.timestep_fs * 1e-6,
+        wall_s=wall,
+        iterations_this_call=iterations_run,
+    )
     if all_replicas:
         # Iteration-major, so the time-block split of the lowest replica's file holds here too.
         stem, extension = os.path.splitext(out)
@@ -176,8 +192,8 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
             np.repeat(split_labels(n_iterations, config.md.split_fractions), n_replicas), config.md,
             frame_temperature_K=np.asarray(config.temperatures_K)[replica_states].reshape(-1),
         )
-        summary["all_replicas"] = all_out
-    return summary
+        result.all_replicas = all_out
+    return result
 
 
 def _read_frames(reporter, config: ReplicaExchangeConfig, total: int):

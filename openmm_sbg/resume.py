@@ -6,18 +6,19 @@ import json
 
 
 def check_resume_settings(where: str, saved: dict, settings: dict,
-                          remedy: str = "delete that folder to start over, or rerun with the same settings to resume it") -> None:
+                          remedy: str = "delete that folder to start over, or rerun with the same settings to resume it",
+                          what: str = "settings") -> None:
     """Refuse to resume the run kept at ``where`` if its stored ``saved`` settings differ from ``settings``.
 
     Both are compared as JSON stores them (tuples become lists, numpy scalars are not
-    expected). The error names each setting that differs, nested keys joined by dots, then
-    says ``remedy``.
+    expected). The error says the run has other ``what``, names each setting that differs,
+    nested keys joined by dots, then says ``remedy``.
     """
     saved, settings = json.loads(json.dumps(saved)), json.loads(json.dumps(settings))
     if saved == settings:
         return
     differences = [f"{key}: {old!r} then, {new!r} now" for key, old, new in _differences(saved, settings)]
-    raise ValueError(f"{where} holds a run with other settings ({'; '.join(differences)}); {remedy}")
+    raise ValueError(f"{where} holds a run with other {what} ({'; '.join(differences)}); {remedy}")
 
 
 def _differences(old, new, prefix: str = ""):

@@ -15,9 +15,9 @@ def test_interrupted_run_resumes_to_the_same_frames(ad2, tmp_path):
     whole, resumed = str(tmp_path / "whole.h5"), str(tmp_path / "resumed.h5")
     run_md(ad2, whole, CONFIG, platform="Reference", progress=False)
     stopped = run_md(ad2, resumed, CONFIG, platform="Reference", progress=False, stop_after_frames=7)
-    assert stopped["status"] == "interrupted" and not (tmp_path / "resumed.h5").exists()
+    assert stopped.status == "interrupted" and not (tmp_path / "resumed.h5").exists()
     summary = run_md(ad2, resumed, CONFIG, platform="Reference", progress=False)
-    assert summary["frames"] == 24
+    assert summary.frames == 24
     a, b = load_positions(whole, ad2), load_positions(resumed, ad2)
     assert a.shape == b.shape == (24, 22, 3)
     np.testing.assert_array_equal(a, b)  # the checkpoint carries the integrator's random state
@@ -84,7 +84,7 @@ def test_a_run_can_be_finished_early_or_extended(ad2, tmp_path):
     out = str(tmp_path / "md.h5")
     run_md(ad2, out, CONFIG, platform="Reference", progress=False, stop_after_frames=12)
     shorter = MDConfig(**{**CONFIG.__dict__, "n_frames": 8})
-    assert run_md(ad2, out, shorter, platform="Reference", progress=False)["frames"] == 8
+    assert run_md(ad2, out, shorter, platform="Reference", progress=False).frames == 8
     whole = str(tmp_path / "whole.h5")
     run_md(ad2, whole, CONFIG, platform="Reference", progress=False)
     np.testing.assert_array_equal(load_positions(out, ad2), load_positions(whole, ad2)[:8])

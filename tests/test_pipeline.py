@@ -31,10 +31,10 @@ def test_interrupted_pipeline_resumes_without_redoing_finished_stages(ad2, tmp_p
     assert not (tmp_path / "summary.json").exists()
 
     summary = pipeline.run_pipeline(ad2, tmp_path, config, platform="Reference", progress=False)
-    assert summary["ran_now"] == ["sample-300K", "sample-350K", "evaluate"]
+    assert summary.ran_now == ["sample-300K", "sample-350K", "evaluate"]
     assert calls["sample"] == 3
-    assert summary["training"]["steps"] == 4 and summary["data"]["frames"] == 200
-    at_300, at_350 = summary["temperatures"]["300"], summary["temperatures"]["350"]
+    assert summary.training.steps == 4 and summary.data.frames == 200
+    at_300, at_350 = summary.temperatures["300"], summary.temperatures["350"]
     for result in (at_300, at_350):
         assert result["states"]["samples"] == pytest.approx(np.array(result["states"]["samples"]))
         assert sum(result["states"]["samples"]) == pytest.approx(1.0)
@@ -52,12 +52,12 @@ def test_interrupted_pipeline_resumes_without_redoing_finished_stages(ad2, tmp_p
     np.testing.assert_allclose(hot.energies[h] * 350, cold.energies[c] * 300, rtol=1e-9)
     shift = (hot.log_weights[h] - cold.log_weights[c]) - (cold.energies[c] - hot.energies[h])
     np.testing.assert_allclose(shift, shift[0], atol=1e-8)
-    assert json.loads((tmp_path / "summary.json").read_text())["ran_now"] == summary["ran_now"]
+    assert json.loads((tmp_path / "summary.json").read_text())["ran_now"] == summary.ran_now
 
     # A third call redoes only the evaluation.
     again = pipeline.run_pipeline(ad2, tmp_path, config, platform="Reference", progress=False)
-    assert again["ran_now"] == ["evaluate"]
-    assert again["temperatures"]["300"]["log_z"] == summary["temperatures"]["300"]["log_z"]
+    assert again.ran_now == ["evaluate"]
+    assert again.temperatures["300"]["log_z"] == summary.temperatures["300"]["log_z"]
 
 
 def test_a_folder_with_other_settings_is_refused(ad2, tmp_path):

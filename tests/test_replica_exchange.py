@@ -29,11 +29,11 @@ def test_interrupted_run_resumes_and_writes_the_lowest_replica(ad2, tmp_path):
     config = ReplicaExchangeConfig(MDConfig(n_frames=6, steps_per_frame=20, equilibration_steps=20), geometric_ladder(300, 450, 3))
     out = str(tmp_path / "re.h5")
     partial = run_replica_exchange(ad2, out, config, progress=False, stop_after_frames=3)
-    assert partial["status"] == "interrupted" and partial["frames"] == 3
+    assert partial.status == "interrupted" and partial.frames == 3
     summary = run_replica_exchange(ad2, out, config, progress=False, all_replicas=True)
-    assert summary["status"] == "complete" and summary["frames"] == 6
-    assert summary["iterations_this_call"] == 3
-    assert len(summary["exchange_acceptance"]) == 2 and all(0 <= a <= 1 for a in summary["exchange_acceptance"])
+    assert summary.status == "complete" and summary.frames == 6
+    assert summary.iterations_this_call == 3
+    assert len(summary.exchange_acceptance) == 2 and all(0 <= a <= 1 for a in summary.exchange_acceptance)
     # The file is an `openmm-sbg md` file: frames, split and energies in kT at the target temperature.
     frames = data.load_positions(out, target=ad2)
     meta = data.read_metadata(out)
@@ -41,8 +41,8 @@ def test_interrupted_run_resumes_and_writes_the_lowest_replica(ad2, tmp_path):
     energies = ad2.energy(frames.astype(np.float64)).numpy()
     np.testing.assert_allclose(meta["energies_kT"], energies, rtol=1e-4, atol=1e-3)
     # Every replica's frames, in the same format; `train` takes the file as it takes `md` output.
-    pooled = data.load_positions(summary["all_replicas"], target=ad2)
-    pooled_meta = data.read_metadata(summary["all_replicas"])
+    pooled = data.load_positions(summary.all_replicas, target=ad2)
+    pooled_meta = data.read_metadata(summary.all_replicas)
     assert pooled.shape == (18, 22, 3) and len(pooled_meta["split"]) == 18
     kelvin = pooled_meta["frame_temperature_K"].reshape(6, 3)
     assert all(sorted(row) == pytest.approx(sorted(config.temperatures_K)) for row in kelvin)

@@ -56,12 +56,12 @@ def test_the_seed_stage_runs_target_temperature_md_inside_a_rare_state(ad2, tmp_
                      split_labels(len(frames)), MDConfig(n_frames=len(frames)), frame_temperature_K=temperatures)
     config = pipeline.PipelineConfig(data="replica-exchange", seeded_ns=0.002, frame_interval_ps=0.05)
     result = pipeline._seed(ad2, str(tmp_path), config, "Reference", progress=False)
-    assert [run["state_name"] for run in result["runs"]] == ["alphaL/C7ax"]
-    run = result["runs"][0]
-    assert run["from_K"] == 330.0 and run["fraction_at_target"] == 0.0 and run["status"] == "complete"
-    seeded = load_positions(run["out"], ad2)
+    assert [run.state_name for run in result.runs] == ["alphaL/C7ax"]
+    run = result.runs[0]
+    assert run.from_K == 330.0 and run.fraction_at_target == 0.0 and run.status == "complete"
+    seeded = load_positions(run.out, ad2)
     assert len(seeded) == 40
     # 10 ps after minimising the chosen frame, the run is still in the state it was seeded in.
     assert (labeller(seeded[:5]) == 2).all()
     # Rerunning the stage keeps the finished run.
-    assert pipeline._seed(ad2, str(tmp_path), config, "Reference", progress=False)["runs"][0]["out"] == run["out"]
+    assert pipeline._seed(ad2, str(tmp_path), config, "Reference", progress=False).runs[0].out == run.out

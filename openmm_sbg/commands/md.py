@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--exchange-interval-ps needs --walkers (the openmmtools replica exchange swaps once per frame)")
     if args.replica_exchange:
         return _run_replica_exchange(args, target, config)
-    return run_md(target, args.out, config, platform=args.platform, progress=not args.no_progress)
+    return run_md(target, args.out, config, platform=args.platform, progress=not args.no_progress).to_dict()
 
 
 def _run_batched(args: argparse.Namespace, target, config) -> dict:
@@ -155,7 +155,7 @@ def _run_replica_exchange(args: argparse.Namespace, target, config) -> dict:
     return run_replica_exchange(
         target, args.out, _ladder_config(args, target, config), platform=args.platform or "Reference",
         all_replicas=args.all_replicas, progress=not args.no_progress,
-    )
+    ).to_dict()
 
 
 def _ladder_config(args: argparse.Namespace, target, config):

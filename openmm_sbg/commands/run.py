@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
         sample_temperatures_K=tuple(args.sample_temperatures), seed=args.seed,
     )
     return run_pipeline(target_from_args(args), args.folder, config, platform=args.platform, device=args.device,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress).to_dict()
 
 
 def progress_path(args: argparse.Namespace) -> str:

@@ -5,8 +5,9 @@ drawing its proposals, the flow and force-field evaluations, the Langevin moves.
 that couples particles is global and replicated: every process keeps the log-weights and the
 two path energies of *all* particles (a few numbers per particle, refreshed with an
 ``all_gather`` after each move), so the schedule, ESS, log Z, filters and resampling indices
-are computed by the unchanged :class:`~openmm_sbg.smc.SMCSampler` code on identical inputs in
-every process, with the same generator state. Resampling then moves each particle to the
+are computed by the unchanged :class:`~openmm_sbg.smc.step.SMCStep` on identical inputs in
+every process, with the same generator state; only moving the particles is sharded
+(:func:`move_sharded`). Resampling then moves each particle to the
 process that holds its new slot (``all_to_all``), and the slices are rebalanced.
 
 Random numbers are drawn exactly as one process draws them (each process draws the whole
@@ -29,6 +30,7 @@ from openmm_sbg.smc.driver import SMCSampler
 from openmm_sbg.smc.kernels import PathState
 from openmm_sbg.smc.proposal import draw_proposals
 from openmm_sbg.smc.result import SMCResult
+from openmm_sbg.smc.step import MoveRows, with_rows
 
 
 def split_sizes(n: int, world_size: int) -> list[int]:
@@ -90,10 +92,7 @@ class ShardedState:
         self.local = local
         self.sizes = sizes
         self.rank = dist.get_rank()
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Gather every process's energies after its particles changed (collective)."""
+        # Every process's energies (collective).
         energies = all_gather_rows(torch.stack([self.local.e_source, self.local.e_target], 1), self.sizes)
         self.e_source, self.e_target = energies[:, 0].contiguous(), energies[:, 1].contiguous()
 
@@ -142,6 +141,22 @@ class ShardedState:
         sizes = split_sizes(len(state.x), dist.get_world_size())
         start, stop = _span(sizes, dist.get_rank())
         return cls(state.select(slice(start, stop)), sizes)
+
+
+def move_sharded(state: ShardedState, alive: torch.Tensor, move: MoveRows) -> tuple[ShardedState, torch.Tensor]:
+    """The :data:`~openmm_sbg.smc.step.ParticleMover` of a :class:`ShardedState` (collective).
+
+    Each process moves the ``alive`` particles it holds; the new state gathers everyone's
+    energies, and the acceptances of all ``alive`` particles are gathered in their order.
+    """
+    start, stop = state.span
+    mine = (alive >= start) & (alive < stop)
+    rows = alive[mine] - start
+    moved, acceptance = move(state.local.select(rows), mine)
+    moved_state = ShardedState(state.local if moved is None else with_rows(state.local, rows, moved), state.sizes)
+    spans = (_span(state.sizes, rank) for rank in range(len(state.sizes)))
+    alive_sizes = [int(((alive >= lo) & (alive < hi)).sum()) for lo, hi in spans]
+    return moved_state, all_gather_rows(acceptance.to(torch.float64), alive_sizes)
 
 
 def _draw_rows(flow, n: int, batch_size: int, generator: torch.Generator, start: int, stop: int) -> torch.Tensor:
@@ -208,7 +223,7 @@ class ShardedSMCSampler(SMCSampler):
         result.info["n_processes"] = self.world_size
         return result
 
-    # The driver's hooks: each process draws, evaluates and moves its own slice; the driver's
+    # The driver's hooks: each process draws, evaluates and moves its own slice; the step's
     # bookkeeping sees the global energies through the ShardedState.
     def _draw_state(self, flow_generator: torch.Generator) -> ShardedState:
         sizes = split_sizes(self.options.n_particles, self.world_size)
@@ -222,16 +237,7 @@ class ShardedSMCSampler(SMCSampler):
     def _gather(self, state: ShardedState) -> PathState:
         return state.gather()
 
-    def _local_rows(self, state: ShardedState, alive: torch.Tensor) -> tuple[PathState, torch.Tensor, torch.Tensor]:
-        start, stop = state.span
-        mine = (alive >= start) & (alive < stop)
-        return state.local, alive[mine] - start, mine
-
-    def _after_move(self, state: ShardedState, alive: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
-        state.refresh()
-        spans = (_span(state.sizes, rank) for rank in range(self.world_size))
-        alive_sizes = [int(((alive >= lo) & (alive < hi)).sum()) for lo, hi in spans]
-        return all_gather_rows(acceptance.to(torch.float64), alive_sizes)
+    _move_particles = staticmethod(move_sharded)
 
     @property
     def _writes_output(self) -> bool:

@@ -1,13 +1,14 @@
 """Sequential Monte Carlo: flow proposals annealed to the target (the "S" in SBG).
 
 The driver :class:`SMCSampler`, whose settings are one frozen :class:`SMCOptions`
-(:mod:`.options`), composes small functions a user can swap:
+(:mod:`.options`), runs the loop around one pure annealing step, :class:`SMCStep`
+(:mod:`.step`: run in, run and record out), which composes small functions a user can swap:
 
 - proposals and the CoM adjustment (:mod:`.proposal`),
 - filters and Jarzynski weights (:mod:`.weights`),
 - annealing schedules (:mod:`.schedules`),
 - Langevin kernels (:mod:`.kernels`),
-- resampling schemes (:mod:`.resampling`).
+- resampling schemes, and the :class:`ResamplingPolicy` that decides when (:mod:`.resampling`).
 
 Example
 -------
@@ -21,9 +22,10 @@ from openmm_sbg.smc.driver import SMCSampler
 from openmm_sbg.smc.kernels import KernelInfo, PathState, adapt_step_size, mala_step, ula_step
 from openmm_sbg.smc.options import DEFAULT_STEP_SIZE, SMCOptions
 from openmm_sbg.smc.proposal import GaussianProposal, com_energy, com_log_density, source_energy
-from openmm_sbg.smc.resampling import multinomial, systematic
+from openmm_sbg.smc.resampling import ResamplingPolicy, multinomial, systematic
 from openmm_sbg.smc.result import SMCResult
 from openmm_sbg.smc.schedules import AdaptiveSchedule, FixedSchedule, linear_schedule
+from openmm_sbg.smc.step import SMCStep
 from openmm_sbg.smc.weights import (
     conditional_ess,
     energy_cutoff_filter,
@@ -38,6 +40,8 @@ __all__ = [
     "SMCSampler",
     "SMCOptions",
     "SMCResult",
+    "SMCStep",
+    "ResamplingPolicy",
     "GaussianProposal",
     "PathState",
     "KernelInfo",

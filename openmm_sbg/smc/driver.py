@@ -12,17 +12,18 @@ import torch
 from tqdm.auto import tqdm
 
 from openmm_sbg.io import atomic_path
-from openmm_sbg.smc.kernels import PathState, adapt_step_size, get_kernel, ula_step
+from openmm_sbg.resume import check_resume_settings
+from openmm_sbg.smc.kernels import PathState, get_kernel, ula_step
 from openmm_sbg.smc.options import SMCOptions
 from openmm_sbg.smc.proposal import Proposal, com_energy, draw_proposals, module_dtype_device, source_energy
-from openmm_sbg.smc.resampling import get_resampler
+from openmm_sbg.smc.resampling import ResamplingPolicy, get_resampler
 from openmm_sbg.smc.result import SMCResult
-from openmm_sbg.smc.run_state import ProposalCounts, SMCRun, StepRecord
+from openmm_sbg.smc.run_state import ProposalCounts, SMCRun
 from openmm_sbg.smc.schedules import get_schedule
+from openmm_sbg.smc.step import SMCStep, move_local
 from openmm_sbg.smc.weights import (
     energy_cutoff_filter,
     jarzynski_increment,
-    log_mean_weight,
     normalised_ess,
     pareto_k,
     top_fraction_filter,
@@ -58,9 +59,12 @@ class SMCSampler:
         The fields of :class:`~openmm_sbg.smc.SMCOptions` (documented there, with their
         defaults); the sampler keeps them as :attr:`options`.
 
+    One annealing step is :attr:`step`, a pure :class:`~openmm_sbg.smc.step.SMCStep`; the
+    sampler draws the proposals and runs the loop, checkpoints and progress around it.
     Subclasses that hold the particles elsewhere (split over processes) override the hooks
-    :meth:`_draw_state`, :meth:`_distribute`, :meth:`_gather`, :meth:`_local_rows`,
-    :meth:`_after_move` and :attr:`_writes_output`; the algorithm itself is written once, here.
+    :meth:`_draw_state`, :meth:`_distribute`, :meth:`_gather`, :attr:`_writes_output` and
+    :attr:`_move_particles` (the step's :data:`~openmm_sbg.smc.step.ParticleMover`); the
+    algorithm itself is written once, in the step.
     """
 
     def __init__(self, target, flow: Proposal, n_particles: int, n_steps: int, **options):
@@ -75,8 +79,23 @@ class SMCSampler:
         self.flow = flow
         self.kernel = get_kernel(self.options.kernel)
         self.schedule = get_schedule(self.options.schedule, n_steps, self.options.target_cess)
-        self.resample = get_resampler(self.options.resampling)
         self.adapt_step_size = self.options.adapt_step_size and self.kernel is not ula_step
+        self.resampling = ResamplingPolicy(
+            get_resampler(self.options.resampling),
+            n_particles,
+            self.options.resample_threshold,
+            self.options.resample_at_end,
+        )
+        self.step = None if self.schedule is None else SMCStep(
+            self.schedule,
+            self.kernel,
+            self.potential,
+            self.resampling,
+            self.options.n_mcmc_steps,
+            self.options.batch_size,
+            self.options.target_acceptance if self.adapt_step_size else None,
+            self._move_particles,
+        )
 
     @property
     def importance_sampling(self) -> bool:
@@ -140,15 +159,21 @@ class SMCSampler:
             unit="step",
             disable=not self.options.progress or not self._writes_output or self.importance_sampling,
         )
+        # One generator for the whole loop; each step leaves its state in the run it returns.
+        generator = torch.Generator()
+        generator.set_state(run.generator)
         with bar:
             while not self.importance_sampling and run.t < 1.0:
-                self._step(run)
+                run, record = self.step(run, generator)
+                run = run.recorded(record)
                 bar.update(1)
-                bar.set_postfix(t=f"{run.t:.3f}", ess=f"{run.diagnostics['ess'][-1]:.3f}")
+                bar.set_postfix(t=f"{run.t:.3f}", ess=f"{record.ess:.3f}")
                 if run.step % self.options.checkpoint_every == 0:
                     self._save_checkpoint(run)
         if self.importance_sampling:
-            self._maybe_resample(run, final=True)
+            run = run.with_final_weights()
+            if self.resampling.wants(run.final_ess, final=True):
+                run = dataclasses.replace(self.resampling.resample(run, generator), generator=generator.get_state())
         return self._result(run, time.perf_counter() - started)
 
     def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
@@ -198,99 +223,6 @@ class SMCSampler:
             counts=counts,
         )
 
-    def _maybe_resample(self, run: SMCRun, final: bool, generator: torch.Generator | None = None) -> bool:
-        """Resample ``run`` at ``t = 1`` (``final``) if resample_at_end, before it if its ESS is below the threshold."""
-        ess = normalised_ess(run.log_w)
-        if final:
-            # The weights at t = 1 are final here: a later move that lands a particle on a
-            # non-finite energy zeroes its weight but must not change these.
-            run.final_ess = ess
-            run.final_log_z = run.log_z_offset + log_mean_weight(run.log_w, run.n_norm)
-            if not self.options.resample_at_end:
-                return False  # weighted particles (importance sampling: independent proposals) asked for
-        elif not ess < self.options.resample_threshold:
-            return False
-        owns_generator = generator is None
-        if owns_generator:
-            generator = torch.Generator()
-            generator.set_state(run.generator)
-        n_particles = self.options.n_particles
-        run.log_z_offset += log_mean_weight(run.log_w, run.n_norm)
-        index = self.resample(run.log_w, n_particles, generator)
-        run.state = run.state.select(index)
-        run.log_w = torch.zeros(n_particles, dtype=torch.float64)
-        run.n_norm = n_particles
-        if owns_generator:
-            run.generator = generator.get_state()
-        return True
-
-    def _step(self, run: SMCRun) -> None:
-        """One annealing step: reweight to the next t, maybe resample, move at the new t."""
-        generator = torch.Generator()
-        generator.set_state(run.generator)
-        state, t = run.state, run.t
-        t_next = self.schedule.next_time(run.step, t, run.log_w, state.e_source, state.e_target)
-        if not t < t_next <= 1.0:
-            raise RuntimeError(f"the schedule went from t={t} to t={t_next}; times must increase up to 1")
-        run.log_w = run.log_w + jarzynski_increment(state.e_source, state.e_target, t, t_next)
-        ess = normalised_ess(run.log_w)
-        resampled = self._maybe_resample(run, final=t_next == 1.0, generator=generator)
-
-        step_size = run.step_size
-        mean_acceptance, n_alive = self._move(run, t_next, step_size, generator)
-        if self.adapt_step_size and n_alive:
-            run.step_size = adapt_step_size(step_size, mean_acceptance, self.options.target_acceptance)
-
-        run.t, run.step, run.generator = t_next, run.step + 1, generator.get_state()
-        log_z = run.final_log_z if t_next == 1.0 else run.log_z_offset + log_mean_weight(run.log_w, run.n_norm)
-        run.record(StepRecord(t_next, ess, mean_acceptance, resampled, step_size, n_alive, log_z))
-
-    def _move(self, run: SMCRun, t: float, step_size: float, generator: torch.Generator) -> tuple[float, int]:
-        """``n_mcmc_steps`` kernel moves at ``t`` of the particles with non-zero weight, in place.
-
-        Returns the mean acceptance and the number of particles moved.
-        """
-        state = run.state
-        acceptance = []
-        for _ in range(self.options.n_mcmc_steps):
-            alive = torch.isfinite(run.log_w).nonzero().squeeze(1)  # zero weight: not worth moving
-            local, local_alive, mine = self._local_rows(state, alive)
-            # Draw all random numbers at once so results depend neither on batch_size nor on
-            # how the particles are split over processes.
-            noise = torch.randn((len(alive), *local.x.shape[1:]), dtype=torch.float64, generator=generator)
-            uniform = torch.rand(len(alive), dtype=torch.float64, generator=generator)
-            moving = local.select(local_alive)
-            moved, moved_acceptance = self._apply_kernel(moving, t, step_size, noise[mine], uniform[mine])
-            if moved is not None:
-                local.assign(local_alive, moved)
-            moved_acceptance = self._after_move(state, alive, moved_acceptance)
-            if len(moved_acceptance):
-                acceptance.append(moved_acceptance)
-            # A move onto a non-finite energy (possible with ULA) zeroes that particle's weight
-            # at once, so no particle ever has a finite weight and a non-finite energy.
-            finite = torch.isfinite(state.e_source) & torch.isfinite(state.e_target)
-            run.log_w = torch.where(finite, run.log_w, torch.full_like(run.log_w, -math.inf))
-        mean_acceptance = float(torch.cat(acceptance).mean()) if acceptance else float("nan")
-        return mean_acceptance, len(alive)
-
-    def _apply_kernel(
-        self, moving: PathState, t: float, step_size: float, noise: torch.Tensor, uniform: torch.Tensor
-    ) -> tuple[PathState | None, torch.Tensor]:
-        """One kernel move of every particle in ``moving``, ``batch_size`` at a time.
-
-        Returns the moved particles (``None`` if there were none) and their acceptances.
-        """
-        moved, acceptance = [], []
-        batch_size = self.options.batch_size
-        for start in range(0, len(noise), batch_size):
-            batch = slice(start, start + batch_size)
-            new, info = self.kernel(moving.select(batch), t, self.potential, step_size, noise[batch], uniform[batch])
-            moved.append(new)
-            acceptance.append(info.acceptance)
-        if not moved:
-            return None, torch.empty(0, dtype=torch.float64)
-        return PathState.cat(moved), torch.cat(acceptance)
-
     def _result(self, run: SMCRun, seconds: float) -> SMCResult:
         state = self._gather(run.state)
         diagnostics = {key: np.asarray(values) for key, values in run.diagnostics.items()}
@@ -338,17 +270,15 @@ class SMCSampler:
         path = self.options.checkpoint_path
         checkpoint = torch.load(path, weights_only=True)
         saved, run = checkpoint.get("options", {}), checkpoint.get("run", {})
-        expected = self.options.resume_key()
-        differing = sorted(key for key in expected if saved.get(key) != expected[key])
-        differing += ["seed"] if run.get("seed") != seed else []
-        if differing:
-            raise ValueError(
-                f"the checkpoint {path} comes from a run with other settings or seed ({', '.join(differing)}); "
-                "resume with the same ones, or delete the file to start afresh"
-            )
+        expected = {**self.options.resume_key(), "seed": seed}
+        # Options a checkpoint holds that these no longer have do not count.
+        saved = {**{key: saved.get(key) for key in expected}, "seed": run.get("seed")}
+        check_resume_settings(
+            f"the checkpoint {path}", saved, expected, remedy="resume with the same ones, or delete the file to start afresh",
+            what="settings or seed",
+        )
         run = SMCRun.from_dict(run)
-        run.state = self._distribute(run.state)
-        return run
+        return dataclasses.replace(run, state=self._distribute(run.state))
 
     # ------------------------------------------------------------------ hooks for split particles
     def _draw_state(self, flow_generator: torch.Generator) -> PathState:
@@ -365,16 +295,8 @@ class SMCSampler:
         """All particles of the run's state, as one PathState."""
         return state
 
-    def _local_rows(
-        self, state: PathState, alive: torch.Tensor
-    ) -> tuple[PathState, torch.Tensor, torch.Tensor | slice]:
-        """The particles this process moves: its PathState, the rows in it of the ``alive``
-        particles it holds, and which entries of ``alive`` those are."""
-        return state, alive, slice(None)
-
-    def _after_move(self, state: PathState, alive: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
-        """Bring ``state`` up to date after this process's move; the acceptances of all ``alive`` particles."""
-        return acceptance
+    #: The step's :data:`~openmm_sbg.smc.step.ParticleMover`: here every particle is in this process.
+    _move_particles = staticmethod(move_local)
 
     @property
     def _writes_output(self) -> bool:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from openmm_sbg.smc.kernels import PathState
+from openmm_sbg.smc.weights import log_mean_weight, normalised_ess
 
 
 class StepRecord(NamedTuple):
@@ -43,6 +44,7 @@ class SMCRun:
     ``state`` is a :class:`~openmm_sbg.smc.PathState` (or anything that stands in for one,
     as the sharded sampler's state does); everything else is plain numbers and tensors, so
     :meth:`to_dict` is what a checkpoint stores and ``torch.load(weights_only=True)`` reads.
+    A step makes a new run (:class:`~openmm_sbg.smc.step.SMCStep`); none is changed in place.
     """
 
     seed: int
@@ -63,9 +65,22 @@ class SMCRun:
     final_ess: float | None = None
     final_log_z: float | None = None
 
-    def record(self, step: StepRecord) -> None:
-        for key, value in step._asdict().items():
-            self.diagnostics[key].append(value)
+    def recorded(self, step: StepRecord) -> SMCRun:
+        """This run with ``step`` appended to its diagnostics (new lists; this run is unchanged)."""
+        values = step._asdict()
+        return dataclasses.replace(self, diagnostics={key: [*past, values[key]] for key, past in self.diagnostics.items()})
+
+    def with_final_weights(self) -> SMCRun:
+        """This run with :attr:`final_ess` and :attr:`final_log_z` taken from its weights, which are at t = 1.
+
+        They are kept apart because a later move that lands a particle on a non-finite energy
+        zeroes its weight but must not change these.
+        """
+        return dataclasses.replace(
+            self,
+            final_ess=normalised_ess(self.log_w),
+            final_log_z=self.log_z_offset + log_mean_weight(self.log_w, self.n_norm),
+        )
 
     def to_dict(self) -> dict:
         """Plain dicts, lists, numbers and tensors (``state`` must be a PathState)."""
