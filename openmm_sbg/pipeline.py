@@ -125,7 +125,7 @@ def run_pipeline(
                             data_result_from_dict)
     files = [os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")]
     if config.data == "replica-exchange" and config.seeded_ns > 0:
-        stages["seed"] = _stage(folder, "seed", lambda: _seed(target, folder, config, platform, progress),
+        stages["seed"] = _stage(folder, "seed", lambda: _seed(target, folder, config, platform, progress, device),
                                 SeedingResult.from_dict)
         files += [run.out for run in stages["seed"].result.runs]
     stages["train"] = _stage(folder, "train", lambda: _train(target, folder, files, config, device, progress),
@@ -240,13 +240,12 @@ def _batched_replica_exchange(target, out, exchange, device, progress):
     return run
 
 
-def _seed(target, folder, config: PipelineConfig, platform, progress) -> SeedingResult:
+def _seed(target, folder, config: PipelineConfig, platform, progress, device="cpu") -> SeedingResult:
     """MD at the target temperature from a replica-exchange frame of each backbone state rare there."""
     import copy
 
     from openmm_sbg import populations
     from openmm_sbg.data import load_positions, read_metadata
-    from openmm_sbg.md import run_md
     from openmm_sbg.seeding import rare_state_seeds
 
     try:
@@ -264,9 +263,29 @@ def _seed(target, folder, config: PipelineConfig, platform, progress) -> Seeding
         start.positions = positions[seed["frame"]].astype(float)
         md = _md_config(config, config.seeded_ns, config.seed + 1 + seed["state"])
         # A finished run of an interrupted stage is kept: run_md would redo it.
-        result = None if os.path.exists(out) else run_md(start, out, md, platform=platform, progress=progress)
+        result = None if os.path.exists(out) else _seeded_md(start, out, md, platform, device, progress)
         runs.append(SeededRun(**seed, state_name=populations.BACKBONE_STATES[seed["state"]], out=out, md=result))
     return SeedingResult(runs=runs, below=config.seed_below)
+
+
+def _seeded_md(start, out, md, platform, device, progress):
+    """``md`` from ``start``'s positions, split over a batch of walkers on the batched engine (each with its own
+    noise) where it can run the System, else one OpenMM trajectory."""
+    import sys
+
+    from openmm_sbg import dynamics
+    from openmm_sbg.md import run_md
+
+    # A few walkers, each long enough to leave its start: 16 on a CPU.
+    walkers = dynamics.ladder_copies(md.n_frames, 4, device)
+    per_walker = dataclasses.replace(md, n_frames=md.n_frames // walkers)
+    options = dynamics.EngineOptions(device=device, compile=dynamics.compile_available(device))
+    try:
+        return dynamics.run_batched_md(start, out, per_walker, walkers, start=start.positions[None], options=options,
+                                       progress=progress)
+    except dynamics.BatchedEngineUnavailable as err:
+        print(f"openmm-sbg: {err}; the seeded MD runs on OpenMM instead", file=sys.stderr)
+    return run_md(start, out, md, platform=platform, progress=progress)
 
 
 def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> TrainingRecord:

@@ -37,8 +37,9 @@ class SeededRun:
     frame: int
     state_name: str
     out: str
-    md: MDRunResult | None = None
-    """The run's result; ``None`` for a run an earlier call of the stage finished (only its file is known)."""
+    md: MDRunResult | BatchedRunResult | None = None
+    """The run's result (OpenMM's or the batched engine's); ``None`` for a run an earlier call of the stage
+    finished (only its file is known)."""
 
     @property
     def status(self) -> str:
@@ -52,7 +53,7 @@ class SeededRun:
     def from_dict(cls, values: dict) -> SeededRun:
         seed_keys = ("state", "fraction_at_target", "from_K", "frame", "state_name")
         run = {key: value for key, value in values.items() if key not in seed_keys}
-        md = None if set(run) == {"out", "status"} else MDRunResult.from_dict(run)
+        md = None if set(run) == {"out", "status"} else data_result_from_dict(run)
         return cls(**{key: values[key] for key in seed_keys}, out=run["out"], md=md)
 
 
