@@ -51,8 +51,8 @@ import torch
 from openmm_sbg import populations
 from openmm_sbg.flow.fitting import AllProcesses, Fit, OneProcess, Processes, features, fingerprint, stream_generator
 from openmm_sbg.flow.model import TarFlow
-from openmm_sbg.smc.proposal import com_log_density
-from openmm_sbg.smc.weights import normalised_ess
+from openmm_sbg.smc.proposal import com_energy, com_log_density
+from openmm_sbg.smc.weights import jarzynski_increment, largest_exponent_keeping_ess, normalised_ess
 
 OBJECTIVES = ("weighted-ml", "alpha-2", "reverse-kl")
 #: The power of ``p / q_old`` that each buffered objective fits (before tempering).
@@ -152,10 +152,10 @@ def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator
         with torch.no_grad():
             x, log_q = flow.from_latents(latents[start : start + batch_size])
         x = x.double()
-        energy = target.energy(x, allow_nonfinite=True)
-        log_w = -energy + com_log_density(x, flow.com_std, "gaussian") - log_q.double()
+        # The sampler's weights at t = 0: E_S = -log q, E_T' = U/kT - log rho(c) (openmm_sbg.smc.proposal).
+        e_com, _ = com_energy(x, flow.com_std, "gaussian", need_grad=False)
         xs.append(x)
-        log_ws.append(torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf)))
+        log_ws.append(jarzynski_increment(-log_q.double(), target.energy(x, allow_nonfinite=True) + e_com, 0.0, 1.0))
     return processes.gather(torch.cat(xs)), processes.gather(torch.cat(log_ws))
 
 
@@ -167,20 +167,16 @@ def tempered(log_w: torch.Tensor, beta: float) -> torch.Tensor:
 def tempering_exponent(log_w: torch.Tensor, ess_fraction: float, largest: float = 1.0, iterations: int = 40) -> float:
     """The largest ``beta`` in [0, largest] whose weights ``softmax(beta * log_w)`` keep an ESS of ``ess_fraction``.
 
-    Bisection, since the ESS falls as ``beta`` grows; ``largest`` when those weights keep it.
-    Configurations with ``-inf`` log-weights (clashes) keep weight 0 at every ``beta > 0``.
+    Bisection (:func:`~openmm_sbg.smc.weights.largest_exponent_keeping_ess`, ``iterations``
+    halvings of the range), since the ESS falls as ``beta`` grows; ``largest`` when those
+    weights keep it. Configurations with ``-inf`` log-weights (clashes) keep weight 0 at every
+    ``beta > 0``.
     """
-
-    def ess(beta: float) -> float:
-        return normalised_ess(tempered(log_w.double(), beta))
-
-    if ess_fraction <= 0 or ess(largest) >= ess_fraction:
+    if ess_fraction <= 0:
         return largest
-    low, high = 0.0, largest
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        low, high = (middle, high) if ess(middle) >= ess_fraction else (low, middle)
-    return low
+    log_w = log_w.double()
+    return largest_exponent_keeping_ess(lambda beta: normalised_ess(tempered(log_w, beta)), ess_fraction, 0.0, largest,
+                                        tolerance=largest * 0.5**iterations)
 
 
 class _ReducedEnergy(torch.autograd.Function):
