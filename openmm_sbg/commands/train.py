@@ -13,6 +13,16 @@ HELP = (
     "rerun the same command to resume an interrupted run"
 )
 
+#: Integer options that override a field of the preset's FlowConfig: (flag, field, what it sets).
+_SIZES = (
+    ("--width", "width", "transformer width"),
+    ("--blocks", "n_blocks", "TarFlow blocks"),
+    ("--marginals", "marginals", "internal coordinates: Gaussianize each feature through a Gaussian mixture of this "
+     "many components fitted to the training data, before the TarFlow blocks; 0: none"),
+    ("--spline-bins", "spline_bins", "follow each block's affine map with a conditional rational-quadratic spline of "
+     "this many bins, so one block can model a multimodal conditional; 0: affine blocks"),
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from openmm_sbg.flow import TrainOptions, preset_names
@@ -32,36 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="flow architecture (default ad2-small). The -small presets are sized for a CPU and use internal "
         "coordinates; the paper's presets (ad2, al3, ...) are Cartesian and sized for a GPU",
     )
-    parser.add_argument(
-        "--representation", choices=REPRESENTATIONS, default=None,
-        help="what the flow models: internal (Z-matrix bonds, angles, dihedrals) or cartesian (the paper's); "
-        "default: the preset's",
-    )
-    parser.add_argument("--width", type=int, default=None, help="transformer width (default: the preset's)")
-    parser.add_argument("--blocks", type=int, default=None, help="TarFlow blocks (default: the preset's)")
-    parser.add_argument(
-        "--marginals", type=int, default=None,
-        help="internal coordinates: Gaussianize each feature through a Gaussian mixture of this many components "
-        "fitted to the training data, before the TarFlow blocks (default: the preset's; 0: none)",
-    )
-    parser.add_argument(
-        "--spline-bins", type=int, default=None,
-        help="follow each block's affine map with a conditional rational-quadratic spline of this many bins, "
-        "so one block can model a multimodal conditional (default: the preset's; 0: affine blocks)",
-    )
+    parser.add_argument("--representation", choices=REPRESENTATIONS, default=None,
+                        help="what the flow models: internal (Z-matrix bonds, angles, dihedrals) or cartesian (the paper's); "
+                        "default: the preset's")
+    for flag, _, what in _SIZES:
+        parser.add_argument(flag, type=int, default=None, help=f"{what} (default: the preset's)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
-    length.add_argument("--steps", type=int, default=None,
-                        help=f"optimiser steps (instead of --epochs; --refine default {refine_defaults.steps})")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"default {defaults.batch_size} (--refine: {refine_defaults.batch_size})")
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"peak learning rate (default {defaults.lr}; --refine: constant, {refine_defaults.lr})")
+    _add_mode_default(length, "--steps", int, "optimiser steps, instead of --epochs", "from --epochs", refine_defaults.steps)
+    _add_mode_default(parser, "--batch-size", int, "configurations per step", defaults.batch_size, refine_defaults.batch_size)
+    _add_mode_default(parser, "--lr", float, "learning rate: the one-cycle schedule's peak, constant with --refine",
+                      defaults.lr, refine_defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="fraction of steps warming up the lr")
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
-    parser.add_argument("--ema-decay", type=float, default=None,
-                        help=f"default {defaults.ema_decay} (--refine: {refine_defaults.ema_decay})")
+    _add_mode_default(parser, "--ema-decay", float, "decay of the EMA of the weights", defaults.ema_decay,
+                      refine_defaults.ema_decay)
     parser.add_argument("--val-frames", type=int, default=defaults.val_frames, help="held-out frames scored per epoch")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
@@ -112,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
 
     train_function = train
     if distributed.is_launched():
-        # Under torchrun: DistributedDataParallel, same checkpoint, written by rank 0.
+        # Under torchrun: every process backpropagates its slice of each batch; same checkpoint, written by rank 0.
         from openmm_sbg.distributed.ddp_train import train_distributed as train_function
 
     if args.threads is not None:
@@ -126,10 +122,8 @@ def run(args: argparse.Namespace) -> dict:
 
     train_positions, val_positions, held_out = training_frames(args.data, target)
     config = get_preset(args.preset)
-    overrides = {
-        "representation": args.representation, "width": args.width, "n_blocks": args.blocks, "marginals": args.marginals,
-        "spline_bins": args.spline_bins,
-    }
+    overrides = {"representation": args.representation,
+                 **{field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _SIZES}}
     config = dataclasses.replace(config, **{field: value for field, value in overrides.items() if value is not None})
     options = TrainOptions(
         epochs=args.epochs,
@@ -180,6 +174,11 @@ def run(args: argparse.Namespace) -> dict:
         "std_nm": flow.std,
         "com_std_nm": flow.com_std,
     }
+
+
+def _add_mode_default(parser, flag: str, kind: type, what: str, train_default, refine_default) -> None:
+    """An option whose default differs between training and --refine: it defaults to None, the mode's (:func:`_given`)."""
+    parser.add_argument(flag, type=kind, default=None, help=f"{what} (default {train_default}; --refine: {refine_default})")
 
 
 def _given(value, default):

@@ -1,7 +1,7 @@
 """Multi-process training and sampling with torch.distributed, launched by ``torchrun``.
 
 - :mod:`.launch`: recognise ``torchrun`` and join the process group (gloo on CPU, NCCL on GPU);
-- :mod:`.ddp_train`: TarFlow training with DistributedDataParallel, same checkpoints;
+- :mod:`.ddp_train`: data-parallel TarFlow training (gradients summed over processes), same checkpoints;
 - :mod:`.sharded_smc`: SMC with the particles split over processes, equal to one process's run;
 - :mod:`.fast_paths`: optional GPU speed-ups (bf16 autocast, torch.compile, CUDA graphs).
 

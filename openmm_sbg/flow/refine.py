@@ -43,24 +43,21 @@ import copy
 import dataclasses
 import math
 import os
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from openmm_sbg import populations
-from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.fitting import AllProcesses, Fit, OneProcess, Processes, features, fingerprint, stream_generator
 from openmm_sbg.flow.model import TarFlow
-from openmm_sbg.flow.training import _cpu_copy, _features, _fingerprint, _generator, optimiser_step
-from openmm_sbg.smc.proposal import com_log_density
-from openmm_sbg.smc.weights import normalised_ess
+from openmm_sbg.smc.proposal import com_energy, com_log_density
+from openmm_sbg.smc.weights import jarzynski_increment, largest_exponent_keeping_ess, normalised_ess
 
 OBJECTIVES = ("weighted-ml", "alpha-2", "reverse-kl")
 #: The power of ``p / q_old`` that each buffered objective fits (before tempering).
 WEIGHT_POWERS = {"weighted-ml": 1.0, "alpha-2": 2.0}
-# Kinds of random stream (see openmm_sbg.flow.training): proposals, buffer batches and their
+# Kinds of random stream (see openmm_sbg.flow.fitting): proposals, buffer batches and their
 # augmentation, data batches and theirs, evaluation, the buffer's first filling.
 _REFRESH, _BUFFER_BATCH, _BUFFER_AUGMENT, _DATA_BATCH, _DATA_AUGMENT, _EVALUATE, _FILL = range(10, 17)
 
@@ -155,10 +152,10 @@ def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator
         with torch.no_grad():
             x, log_q = flow.from_latents(latents[start : start + batch_size])
         x = x.double()
-        energy = target.energy(x, allow_nonfinite=True)
-        log_w = -energy + com_log_density(x, flow.com_std, "gaussian") - log_q.double()
+        # The sampler's weights at t = 0: E_S = -log q, E_T' = U/kT - log rho(c) (openmm_sbg.smc.proposal).
+        e_com, _ = com_energy(x, flow.com_std, "gaussian", need_grad=False)
         xs.append(x)
-        log_ws.append(torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf)))
+        log_ws.append(jarzynski_increment(-log_q.double(), target.energy(x, allow_nonfinite=True) + e_com, 0.0, 1.0))
     return processes.gather(torch.cat(xs)), processes.gather(torch.cat(log_ws))
 
 
@@ -170,72 +167,16 @@ def tempered(log_w: torch.Tensor, beta: float) -> torch.Tensor:
 def tempering_exponent(log_w: torch.Tensor, ess_fraction: float, largest: float = 1.0, iterations: int = 40) -> float:
     """The largest ``beta`` in [0, largest] whose weights ``softmax(beta * log_w)`` keep an ESS of ``ess_fraction``.
 
-    Bisection, since the ESS falls as ``beta`` grows; ``largest`` when those weights keep it.
-    Configurations with ``-inf`` log-weights (clashes) keep weight 0 at every ``beta > 0``.
+    Bisection (:func:`~openmm_sbg.smc.weights.largest_exponent_keeping_ess`, ``iterations``
+    halvings of the range), since the ESS falls as ``beta`` grows; ``largest`` when those
+    weights keep it. Configurations with ``-inf`` log-weights (clashes) keep weight 0 at every
+    ``beta > 0``.
     """
-
-    def ess(beta: float) -> float:
-        return normalised_ess(tempered(log_w.double(), beta))
-
-    if ess_fraction <= 0 or ess(largest) >= ess_fraction:
+    if ess_fraction <= 0:
         return largest
-    low, high = 0.0, largest
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        low, high = (middle, high) if ess(middle) >= ess_fraction else (low, middle)
-    return low
-
-
-class OneProcess:
-    """Refinement in one process: every row of every draw and batch is local."""
-
-    writes_checkpoints = True
-
-    def rows(self, n: int) -> slice:
-        return slice(0, n)
-
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        return local
-
-    def reduce_gradients(self, model: torch.nn.Module) -> None:
-        """Nothing to add: the local loss is the whole loss."""
-
-    def total(self, value: torch.Tensor) -> float:
-        return value.item()
-
-
-class AllProcesses(OneProcess):
-    """Refinement over torch.distributed's default group (``torchrun``).
-
-    Each process inverts, scores and backpropagates a contiguous slice of the rows of every
-    draw and batch; draws are gathered and the gradients of the losses (sums over rows
-    divided by the global row count) summed, so every process holds the one-process state
-    and only rank 0 writes the checkpoint.
-    """
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist, self.rank, self.world_size = dist, dist.get_rank(), dist.get_world_size()
-        self.writes_checkpoints = self.rank == 0
-
-    def rows(self, n: int) -> slice:
-        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
-
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        parts = [None] * self.world_size
-        self.dist.all_gather_object(parts, local)
-        return torch.cat(parts)
-
-    def reduce_gradients(self, model: torch.nn.Module) -> None:
-        for parameter in model.parameters():
-            if parameter.grad is not None:
-                self.dist.all_reduce(parameter.grad)
-
-    def total(self, value: torch.Tensor) -> float:
-        value = value.detach().clone()
-        self.dist.all_reduce(value)
-        return value.item()
+    log_w = log_w.double()
+    return largest_exponent_keeping_ess(lambda beta: normalised_ess(tempered(log_w, beta)), ess_fraction, 0.0, largest,
+                                        tolerance=largest * 0.5**iterations)
 
 
 class _ReducedEnergy(torch.autograd.Function):
@@ -297,12 +238,11 @@ def refine(
         raise ValueError(f"the flow models {flow.n_atoms} atoms but the target has {target.n_atoms}; refine the flow of this molecule")
     # Under torchrun (an initialised default group) the processes share every step's work.
     launched = torch.distributed.is_available() and torch.distributed.is_initialized()
-    run = _Run(flow, target, options, data_positions, states, AllProcesses() if launched else OneProcess())
-    run.provenance = dict(provenance or {})
+    run = _Run(flow, target, options, data_positions, states, AllProcesses() if launched else OneProcess(),
+               checkpoint_path=checkpoint_path, provenance=provenance)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
-        run.resume(checkpoint_path)
-    run.loop(checkpoint_path, progress)
-    return run.finish(checkpoint_path)
+        run.resume()
+    return run.fit(progress)
 
 
 def drift_reason(entry: dict, start_ess: float, options: RefineOptions) -> str | None:
@@ -317,28 +257,37 @@ def drift_reason(entry: dict, start_ess: float, options: RefineOptions) -> str |
     return None
 
 
-class _Run:
-    """The state of one refinement: model, EMA, optimiser, replay buffer, history."""
+class _Run(Fit):
+    """The state of one refinement: the fit, the target, the replay buffer, the guards' record."""
 
-    def __init__(self, flow: TarFlow, target, options: RefineOptions, data_positions, states, processes: OneProcess):
-        self.options, self.target, self.states, self.processes = options, target, states, processes
-        self.model = copy.deepcopy(flow).float().train().requires_grad_(True)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    name, state_key = "refinement", "refine_state"
+    non_finite_remedy = "lower the learning rate"
+    finished_remedy = "refine into another file"
+    settings_remedy = "rerun with the same settings to resume it, or refine into another file"
+
+    def __init__(self, flow: TarFlow, target, options: RefineOptions, data_positions, states, processes: Processes,
+                 checkpoint_path=None, provenance: dict | None = None):
+        self.target, self.states, self.provenance = target, states, dict(provenance or {})
+        settings = {"options": options.to_dict(), "start_sha1": fingerprint(*[p.detach().cpu().numpy() for p in flow.parameters()]),
+                    "data_sha1": None if data_positions is None else fingerprint(np.asarray(data_positions))}
+        model = copy.deepcopy(flow).float().train().requires_grad_(True)
+        super().__init__(model, options, processes, checkpoint_path, settings, betas=(0.9, 0.95), weight_decay=0.0,
+                         total_steps=options.steps, eval_every=options.eval_every, label=f"refine ({options.objective})")
+        self.ema.eval()
         self.data = None
         if data_positions is not None:
-            data = np.asarray(data_positions, dtype=np.float64)
-            self.data = _features(data, self.model)
-        self.key = {"options": options.to_dict(), "start_sha1": _fingerprint(*[p.detach().cpu().numpy() for p in flow.parameters()]),
-                    "data_sha1": None if data_positions is None else _fingerprint(np.asarray(data_positions))}
-        self.step, self.seconds, self.history = 0, 0.0, []
+            self.data = features(np.asarray(data_positions, dtype=np.float64), self.model)
         # (positions, tempered log-weights, tempering exponent) of each refresh, oldest first.
         self.buffer: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        self.best = None  # (ess, step, weights)
-        self.stopped = None
-        self.provenance: dict = {}
 
     # ------------------------------------------------------------------ losses
+    def loss(self) -> torch.Tensor:
+        o = self.options
+        loss = (1 - o.data_weight) * self.energy_loss() if o.data_weight < 1 else 0.0
+        if o.data_weight > 0:
+            loss = loss + o.data_weight * self.data_loss()
+        return loss
+
     def energy_loss(self) -> torch.Tensor:
         """This process's part of the energy term: a sum over its rows divided by the batch size."""
         o, rows = self.options, self.processes.rows(self.options.batch_size)
@@ -346,17 +295,17 @@ class _Run:
             if not self.buffer:
                 # Start full: batches resampled from one refresh alone would revisit its few
                 # heavy configurations and pull the flow onto them.
-                self.buffer = [self.proposals(_generator(o.seed, _FILL, i)) for i in range(o.buffer_refreshes)]
+                self.buffer = [self.proposals(stream_generator(o.seed, _FILL, i)) for i in range(o.buffer_refreshes)]
             elif self.step % o.refresh_every == 0:
-                self.buffer = [*self.buffer, self.proposals(_generator(o.seed, _REFRESH, self.step))][-o.buffer_refreshes :]
+                self.buffer = [*self.buffer, self.proposals(stream_generator(o.seed, _REFRESH, self.step))][-o.buffer_refreshes :]
             # Each refresh's self-normalised weights estimate p; the buffer averages them.
             probs = torch.cat([torch.softmax(log_w, 0) for _, log_w, _ in self.buffer]) / len(self.buffer)
-            pick = torch.multinomial(probs, o.batch_size, replacement=True, generator=_generator(o.seed, _BUFFER_BATCH, self.step))
+            pick = torch.multinomial(probs, o.batch_size, replacement=True, generator=stream_generator(o.seed, _BUFFER_BATCH, self.step))
             x = torch.cat([x for x, _, _ in self.buffer])[pick]
             y = self.model.representation.training_features(x.double()).float()
-            y = self.model.representation.augment(y, _generator(o.seed, _BUFFER_AUGMENT, self.step))
+            y = self.model.representation.augment(y, stream_generator(o.seed, _BUFFER_AUGMENT, self.step))
             return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
-        latents = self.model.draw_latents(o.batch_size, _generator(o.seed, _REFRESH, self.step))[rows]
+        latents = self.model.draw_latents(o.batch_size, stream_generator(o.seed, _REFRESH, self.step))[rows]
         x, log_q = self.model.from_latents(latents)
         log_p = -_ReducedEnergy.apply(x, self.target) + com_log_density(x, self.model.com_std, "gaussian")
         finite = torch.isfinite(log_p)  # a clash: no gradient from that sample
@@ -369,14 +318,14 @@ class _Run:
 
     def data_loss(self) -> torch.Tensor:
         o, rows = self.options, self.processes.rows(self.options.batch_size)
-        pick = torch.randint(0, len(self.data), (o.batch_size,), generator=_generator(o.seed, _DATA_BATCH, self.step))
-        y = self.model.representation.augment(self.data[pick], _generator(o.seed, _DATA_AUGMENT, self.step))
+        pick = torch.randint(0, len(self.data), (o.batch_size,), generator=stream_generator(o.seed, _DATA_BATCH, self.step))
+        y = self.model.representation.augment(self.data[pick], stream_generator(o.seed, _DATA_AUGMENT, self.step))
         return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
 
     # ------------------------------------------------------------------ guard
     def evaluate(self) -> dict:
         o = self.options
-        x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, _generator(o.seed, _EVALUATE, 0), processes=self.processes)
+        x, log_w = importance_weights(self.ema, self.target, o.eval_proposals, stream_generator(o.seed, _EVALUATE, 0), processes=self.processes)
         entry = {"step": self.step, "seconds": self.seconds, "ess": normalised_ess(log_w)}
         if self.buffer:
             entry["temper"] = self.buffer[-1][2]
@@ -388,82 +337,30 @@ class _Run:
             entry["weighted_population_errors"] = populations.population_errors(labels, n_states, log_w).tolist()
         return entry
 
-    # ------------------------------------------------------------------ loop
-    def loop(self, checkpoint_path, progress: bool) -> None:
-        o = self.options
-        if not self.history:
-            self.record(self.evaluate())
-        bar = tqdm(total=o.steps, initial=self.step, desc=f"refine ({o.objective})", unit="step", disable=not progress, dynamic_ncols=True)
-        started = time.perf_counter() - self.seconds
-        try:
-            while self.step < o.steps and self.stopped is None:
-                loss = (1 - o.data_weight) * self.energy_loss() if o.data_weight < 1 else 0.0
-                if o.data_weight > 0:
-                    loss = loss + o.data_weight * self.data_loss()
-                loss_value = self.processes.total(loss)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"refinement loss became {loss_value} at step {self.step}; lower the learning rate")
-                optimiser_step(loss, self.optimizer, self.model, self.ema, o.grad_clip, o.ema_decay, self.step,
-                               reduce_gradients=self.processes.reduce_gradients)
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", ess=f"{self.history[-1]['ess']:.3f}")
-                if self.step % o.eval_every == 0 or self.step == o.steps:
-                    self.seconds = time.perf_counter() - started
-                    entry = self.evaluate()
-                    self.stopped = drift_reason(entry, self.history[0]["ess"], o)
-                    if self.stopped is None and o.max_seconds is not None and self.seconds >= o.max_seconds:
-                        self.stopped = f"the wall-clock budget of {o.max_seconds:g} s is spent"
-                    self.record(entry)
-                    if checkpoint_path is not None and self.processes.writes_checkpoints and self.stopped is None and self.step < o.steps:
-                        checkpoint.write_checkpoint(checkpoint_path, self.payload(complete=False))
-        finally:
-            bar.close()
-        if self.stopped is not None and progress:
-            tqdm.write(f"refinement stopped at step {self.step}: {self.stopped}; keeping the weights of step {self.best[1]}")
+    def score(self, entry: dict) -> float:
+        return entry["ess"]
 
-    def record(self, entry: dict) -> None:
-        self.history.append(entry)
-        if self.best is None or entry["ess"] > self.best[0]:
-            self.best = (entry["ess"], entry["step"], _cpu_copy(self.ema))
+    def stop_reason(self, entry: dict) -> str | None:
+        o = self.options
+        reason = drift_reason(entry, self.history[0]["ess"], o)
+        if reason is None and o.max_seconds is not None and self.seconds >= o.max_seconds:
+            reason = f"the wall-clock budget of {o.max_seconds:g} s is spent"
+        return reason
+
+    def postfix(self) -> dict:
+        return {"ess": f"{self.history[-1]['ess']:.3f}"}
 
     # ------------------------------------------------------------------ checkpoints
-    def payload(self, complete: bool) -> dict:
-        payload = self.ema.checkpoint_payload()
-        payload["metadata"]["refinement"] = {
+    def flow_metadata(self, complete: bool) -> dict:
+        # A finished run that keeps the last weights reports the last evaluation.
+        ess, step = self.best[:2] if self.options.select_best or not complete else (self.history[-1]["ess"], self.history[-1]["step"])
+        return {**self.ema.metadata, "refinement": {
             "options": self.options.to_dict(), "steps": self.step, "seconds": self.seconds, "history": self.history,
-            "selected_step": self.best[1], "ess": self.best[0], "stopped": self.stopped, "complete": complete,
-            "provenance": self.provenance,
-        }
-        if not complete:
-            payload["refine_state"] = {
-                **self.key, "step": self.step, "seconds": self.seconds, "history": self.history,
-                "model": _cpu_copy(self.model), "optimizer": self.optimizer.state_dict(), "best": self.best,
-                "buffer": [(x.clone(), log_w.clone(), beta) for x, log_w, beta in self.buffer],
-            }
-        return payload
+            "selected_step": step, "ess": ess, "stopped": self.stopped, "complete": complete, "provenance": self.provenance,
+        }}
 
-    def resume(self, path) -> None:
-        payload = checkpoint.read_checkpoint(path)
-        state = payload.get("refine_state")
-        if state is None:
-            raise ValueError(f"{os.fspath(path)!r} holds a finished flow; refine into another file")
-        differs = [key for key, value in self.key.items() if state.get(key) != value]
-        if differs:
-            raise ValueError(f"{os.fspath(path)!r} holds a refinement with a different {', '.join(differs)}; rerun with the same settings")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(payload["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.seconds, self.history, self.best = state["step"], state["seconds"], list(state["history"]), state["best"]
-        self.buffer = list(state["buffer"])
+    def resume_state(self) -> dict:
+        return {"best": self.best, "buffer": [(x.clone(), log_w.clone(), beta) for x, log_w, beta in self.buffer]}
 
-    def finish(self, checkpoint_path) -> TarFlow:
-        if self.options.select_best:
-            self.ema.load_state_dict(self.best[2])
-        else:
-            self.best = (self.history[-1]["ess"], self.history[-1]["step"], None)
-        payload = self.payload(complete=True)
-        if checkpoint_path is not None and self.processes.writes_checkpoints:
-            checkpoint.write_checkpoint(checkpoint_path, payload)
-        self.ema.metadata = payload["metadata"]
-        return self.ema.eval()
+    def restore(self, state: dict) -> None:
+        self.best, self.buffer = state["best"], list(state["buffer"])

@@ -13,26 +13,22 @@ never stopped.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
-import hashlib
 import math
 import os
-import time
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.fitting import Fit, OneProcess, Processes, features, fingerprint, stream_generator, stream_seed
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.symmetry import centred_std
 
-# Kinds of random stream, combined with the seed and an index into one generator seed.
+# Kinds of random stream (see openmm_sbg.flow.fitting), combined with the seed and an index into one generator seed.
 _BATCH_ORDER, _AUGMENT, _VALIDATION, _INIT = range(4)
 
 
@@ -123,7 +119,7 @@ def train(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     metadata: dict | None = None,
-    parallel: Parallel | None = None,
+    parallel: Processes | None = None,
 ) -> TarFlow:
     """Train a TarFlow on configurations ``[T, N, 3]`` (nm) by maximum likelihood.
 
@@ -155,12 +151,12 @@ def train(
     metadata
         Extra entries for the checkpoint's metadata (e.g. the command line and data path).
     parallel
-        A :class:`Parallel` strategy (default :class:`SingleProcess`), e.g.
-        :class:`openmm_sbg.distributed.DataParallel` for data parallelism over processes:
-        ``parallel.wrap(flow)`` is the per-sample loss function (a DistributedDataParallel
-        module), ``parallel.shard(batch)`` this process's part of each global batch,
-        ``parallel.mean(loss)`` the loss averaged over processes, and only the process whose
-        ``parallel.writes_checkpoints`` is true writes ``checkpoint_path``.
+        How the processes share the work (:mod:`openmm_sbg.flow.fitting`):
+        :class:`~openmm_sbg.flow.fitting.OneProcess` (the default) or, for data parallelism
+        under ``torchrun``, :class:`~openmm_sbg.flow.fitting.AllProcesses` (see
+        :func:`openmm_sbg.distributed.ddp_train.train_distributed`): every process draws the
+        same global batch and backpropagates its slice of it, the gradients are summed, and
+        only rank 0 writes ``checkpoint_path``.
 
     Returns
     -------
@@ -185,155 +181,90 @@ def train(
 
     with torch.random.fork_rng(devices=[]):
         # Seed the initial weights without touching the caller's global RNG.
-        torch.manual_seed(_seed(options.seed, _INIT, 0))
+        torch.manual_seed(stream_seed(options.seed, _INIT, 0))
         flow = TarFlow(config, n_atoms, target=target, std=centred_std(train_positions))
     flow.representation.fit(torch.as_tensor(train_positions))
-    run = TrainingRun(flow.to(device), train_positions, val_positions, options, parallel or SingleProcess(),
+    run = TrainingRun(flow.to(device), train_positions, val_positions, options, parallel or OneProcess(),
                       checkpoint_path, metadata)
     if checkpoint_path is not None and os.path.exists(checkpoint_path) and not overwrite:
         run.resume()
         if progress:
             tqdm.write(f"resuming {os.fspath(checkpoint_path)!r} from step {run.step}")
-    return run.loop(progress, callback)
+    return run.fit(progress, callback)
 
 
-class Parallel(Protocol):
-    """How :func:`train` spreads each batch over processes (``openmm_sbg.distributed.DataParallel``)."""
+class TrainingRun(Fit):
+    """One maximum-likelihood fit: the training and validation features, the batches, the record."""
 
-    #: Whether this process writes the checkpoint.
-    writes_checkpoints: bool
+    name, state_key = "training", "training_state"
+    non_finite_remedy = "lower the learning rate (--lr) or check the data for broken frames"
+    finished_remedy = "write to another file or pass overwrite=True (--overwrite) to train from scratch"
+    settings_remedy = ("rerun with the same settings to resume it, or pass overwrite=True (--overwrite) to train afresh "
+                       "with different options, config or data")
 
-    def wrap(self, flow: TarFlow) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The per-sample loss function, ``features -> NLL / dim``."""
-
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This process's rows of a global batch."""
-
-    def mean(self, loss: torch.Tensor) -> float:
-        """The loss averaged over processes."""
-
-
-class SingleProcess:
-    """The default :class:`Parallel`: one process holds every row."""
-
-    writes_checkpoints = True
-
-    def wrap(self, flow: TarFlow) -> Callable[[torch.Tensor], torch.Tensor]:
-        return flow.nll_per_dim
-
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch
-
-    def mean(self, loss: torch.Tensor) -> float:
-        return loss.item()
-
-
-class TrainingRun:
-    """One maximum-likelihood fit: model, EMA, optimiser, features, and the record kept so far."""
-
-    def __init__(self, flow: TarFlow, train_positions, val_positions, options: TrainOptions, parallel: Parallel,
+    def __init__(self, flow: TarFlow, train_positions, val_positions, options: TrainOptions, processes: Processes,
                  checkpoint_path, metadata: dict | None):
-        self.flow, self.options, self.parallel = flow, options, parallel
-        self.checkpoint_path, self.metadata = checkpoint_path, metadata or {}
-        self.ema = copy.deepcopy(flow).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(flow.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay)
-        self.data_sha1 = _fingerprint(train_positions, val_positions)
-        self.key = {"config": flow.config.to_dict(), "options": options.to_dict(), "data_sha1": self.data_sha1,
+        self.metadata = metadata or {}
+        self.data_sha1 = fingerprint(train_positions, val_positions)
+        settings = {"config": flow.config.to_dict(), "options": options.to_dict(), "data_sha1": self.data_sha1,
                     "n_atoms": flow.n_atoms}
         # The representation's features, computed once in float64 for accuracy.
-        self.y_train = _features(train_positions, flow)
-        self.y_val = _features(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
+        self.y_train = features(train_positions, flow)
+        self.y_val = features(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
         self.batch_size = min(options.batch_size, len(self.y_train))
         self.steps_per_epoch = max(1, len(self.y_train) // self.batch_size)
-        self.total_steps = options.steps or options.epochs * self.steps_per_epoch
-        self.step, self.seconds, self.history, self.best_weights = 0, 0.0, [], None
+        super().__init__(flow, options, processes, checkpoint_path, settings, betas=options.betas,
+                         weight_decay=options.weight_decay, total_steps=options.steps or options.epochs * self.steps_per_epoch,
+                         eval_every=self.steps_per_epoch, label="train")
 
-    def resume(self) -> None:
-        self.step, self.seconds, self.history, self.best_weights = _resume(
-            self.checkpoint_path, self.key, self.flow, self.ema, self.optimizer
-        )
-
-    def loop(self, progress: bool, callback) -> TarFlow:
+    def loss(self) -> torch.Tensor:
         options, y_train = self.options, self.y_train
-        if self.step == 0:
-            self.history.append({"epoch": 0, "step": 0, "val_nll_per_dim": _validate(self.ema, self.y_val, options.seed), "seconds": 0.0})
-            self.best_weights = _cpu_copy(self.ema)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-        epoch_losses: list[float] = []
-        started = time.perf_counter() - self.seconds
-        self.flow.train()
-        nll = self.parallel.wrap(self.flow)
-        try:
-            while self.step < self.total_steps:
-                epoch, index = divmod(self.step, self.steps_per_epoch)
-                order = torch.randperm(len(y_train), generator=_generator(options.seed, _BATCH_ORDER, epoch))
-                batch = y_train[order[index * self.batch_size : (index + 1) * self.batch_size].to(y_train.device)]
-                # Augment the whole batch first so each process sees the rows a single process would.
-                y = self.flow.representation.augment(batch, _generator(options.seed, _AUGMENT, self.step, device=y_train.device))
-                loss = nll(self.parallel.shard(y)).mean()
-                loss_value = self.parallel.mean(loss)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"training loss became {loss_value} at step {self.step}; lower the learning rate (--lr) "
-                        "or check the data for broken frames"
-                    )
-                lr = one_cycle_lr(self.step, self.total_steps, options.lr, options.warmup)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                optimiser_step(loss, self.optimizer, self.flow, self.ema, options.grad_clip, options.ema_decay, self.step)
-                self.step += 1
-                epoch_losses.append(loss_value)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{self.history[-1]['val_nll_per_dim']:.4f}")
-                if callback is not None:
-                    callback(self.step, loss_value)
-                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                    self.seconds = time.perf_counter() - started
-                    self.end_epoch(float(np.mean(epoch_losses)), lr)
-                    epoch_losses = []
-        finally:
-            bar.close()
-        return self.ema.eval()
+        epoch, index = divmod(self.step, self.steps_per_epoch)
+        order = torch.randperm(len(y_train), generator=stream_generator(options.seed, _BATCH_ORDER, epoch))
+        batch = y_train[order[index * self.batch_size : (index + 1) * self.batch_size].to(y_train.device)]
+        # Augment the whole batch first so each process sees the rows a single process would.
+        y = self.model.representation.augment(batch, stream_generator(options.seed, _AUGMENT, self.step, device=y_train.device))
+        return self.model.nll_per_dim(y[self.processes.rows(len(y))]).sum() / len(y)
 
-    def end_epoch(self, train_nll: float, lr: float) -> None:
-        self.history.append({
+    def learning_rate(self) -> float:
+        return one_cycle_lr(self.step, self.total_steps, self.options.lr, self.options.warmup)
+
+    def evaluate(self) -> dict:
+        val_nll = _validate(self.ema, self.y_val, self.options.seed)
+        if self.step == 0:
+            return {"epoch": 0, "step": 0, "val_nll_per_dim": val_nll, "seconds": 0.0}
+        return {
             "epoch": math.ceil(self.step / self.steps_per_epoch),
             "step": self.step,
-            "train_nll_per_dim": train_nll,
-            "val_nll_per_dim": _validate(self.ema, self.y_val, self.options.seed),
-            "lr": lr,
+            "train_nll_per_dim": float(np.mean(self.losses)),
+            "val_nll_per_dim": val_nll,
+            "lr": one_cycle_lr(self.step - 1, self.total_steps, self.options.lr, self.options.warmup),  # the last step's
             "seconds": self.seconds,
-        })
-        if self.history[-1]["val_nll_per_dim"] < min(entry["val_nll_per_dim"] for entry in self.history[:-1]):
-            self.best_weights = _cpu_copy(self.ema)
-        self.save(complete=self.step == self.total_steps)
+        }
 
-    def save(self, complete: bool) -> None:
-        """Record the run in the EMA flow's metadata and write the checkpoint (resumable unless complete)."""
+    def score(self, entry: dict) -> float:
+        return -entry["val_nll_per_dim"]
+
+    def postfix(self) -> dict:
+        return {"val": f"{self.history[-1]['val_nll_per_dim']:.4f}"}
+
+    def flow_metadata(self, complete: bool) -> dict:
         options, history = self.options, self.history
         selected = min(history, key=lambda entry: entry["val_nll_per_dim"]) if options.select_best else history[-1]
-        if complete and options.select_best:
-            self.ema.load_state_dict(self.best_weights)
-        self.ema.metadata = {
+        return {
             **self.metadata,
             **_record(options, history, selected, self.seconds, self.step, self.steps_per_epoch, len(self.y_train),
                       len(self.y_val), self.data_sha1),
             "complete": complete,
         }
-        if self.checkpoint_path is None or not self.parallel.writes_checkpoints:
-            return
-        payload = self.ema.checkpoint_payload()
-        if not complete:
-            payload["training_state"] = {
-                **self.key,
-                "step": self.step,
-                "seconds": self.seconds,
-                "history": history,
-                "best_weights": self.best_weights,
-                "model": _cpu_copy(self.flow),
-                "optimizer": self.optimizer.state_dict(),
-            }
-        checkpoint.write_checkpoint(self.checkpoint_path, payload)
+
+    def resume_state(self) -> dict:
+        return {"best_weights": self.best[2]}
+
+    def restore(self, state: dict) -> None:
+        # The best weights are those of the first evaluation with the lowest validation NLL.
+        best = min(self.history, key=lambda entry: entry["val_nll_per_dim"])
+        self.best = (self.score(best), best["step"], state["best_weights"])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -346,65 +277,18 @@ def _as_frames(positions, name: str) -> np.ndarray:
     return array
 
 
-def _features(positions: np.ndarray, flow: TarFlow) -> torch.Tensor:
-    param = next(flow.parameters())
-    y = flow.representation.training_features(torch.as_tensor(positions, dtype=torch.float64))
-    return y.to(dtype=param.dtype, device=param.device)
-
-
 def _evenly_spaced(n: int, most: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(int))
-
-
-def _fingerprint(*arrays: np.ndarray) -> str:
-    digest = hashlib.sha1()
-    for array in arrays:
-        digest.update(repr(array.shape).encode())
-        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
-    return digest.hexdigest()
-
-
-def _seed(seed: int, kind: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, kind, index]).generate_state(1)[0])
-
-
-def _generator(seed: int, kind: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(_seed(seed, kind, index))
-
-
-def optimiser_step(loss: torch.Tensor, optimizer, flow: TarFlow, ema: TarFlow, grad_clip: float, ema_decay: float, step: int,
-                   reduce_gradients: Callable[[torch.nn.Module], None] | None = None) -> None:
-    """Backpropagate ``loss`` (then ``reduce_gradients(flow)``), clip the gradient norm, step the optimiser, update the EMA."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if reduce_gradients is not None:
-        reduce_gradients(flow)
-    torch.nn.utils.clip_grad_norm_(flow.parameters(), grad_clip)
-    optimizer.step()
-    _update_ema(ema, flow, ema_decay, step)
-
-
-def _update_ema(ema: TarFlow, flow: TarFlow, decay: float, step: int) -> None:
-    # Ramp the decay up over the first steps so the average is not anchored to the
-    # initial (identity) weights when a run is short.
-    decay = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for average, current in zip(ema.parameters(), flow.parameters()):
-            average.lerp_(current, 1 - decay)
 
 
 @torch.no_grad()
 def _validate(flow: TarFlow, y_val: torch.Tensor, seed: int, batch_size: int = 1024) -> float:
     """Mean NLL / 3N of the held-out frames, with one fixed set of rotations and CoM noise."""
-    generator = _generator(seed, _VALIDATION, 0, device=y_val.device)
+    generator = stream_generator(seed, _VALIDATION, 0, device=y_val.device)
     total = 0.0
     for start in range(0, len(y_val), batch_size):
         total += flow.nll_per_dim(flow.representation.augment(y_val[start : start + batch_size], generator)).sum().item()
     return total / len(y_val)
-
-
-def _cpu_copy(module: torch.nn.Module) -> dict:
-    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
 
 
 def _record(options, history, selected, seconds, step, steps_per_epoch, n_train, n_val, data_sha1) -> dict:
@@ -427,24 +311,3 @@ def _record(options, history, selected, seconds, step, steps_per_epoch, n_train,
         "openmm_sbg_version": openmm_sbg.__version__,
         "torch_version": str(torch.__version__),  # TorchVersion is not a plain str
     }
-
-
-def _resume(path, run_key: dict, flow: TarFlow, ema: TarFlow, optimizer) -> tuple[int, float, list, dict]:
-    """Restore an unfinished run from ``path``; refuse a finished or different one."""
-    payload = checkpoint.read_checkpoint(path)
-    state = payload.get("training_state")
-    if state is None:
-        raise ValueError(
-            f"{os.fspath(path)!r} already holds a finished flow; write to another file or pass "
-            "overwrite=True (--overwrite) to train from scratch"
-        )
-    differs = [key for key, value in run_key.items() if state.get(key) != value]
-    if differs:
-        raise ValueError(
-            f"{os.fspath(path)!r} holds an unfinished run with a different {', '.join(differs)}; "
-            "rerun with the same settings to resume it, or pass overwrite=True (--overwrite) to start afresh"
-        )
-    flow.load_state_dict(state["model"])
-    ema.load_state_dict(payload["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
-    return state["step"], state["seconds"], list(state["history"]), state["best_weights"]

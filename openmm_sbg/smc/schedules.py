@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from openmm_sbg.smc.weights import conditional_ess, jarzynski_increment
+from openmm_sbg.smc.weights import conditional_ess, jarzynski_increment, largest_exponent_keeping_ess
 
 
 class Schedule(Protocol):
@@ -105,16 +105,8 @@ class AdaptiveSchedule:
                 )
             return 1.0
 
-        if cess_at(1.0) >= self.target_cess:
-            return 1.0
-        low, high = t, 1.0
-        while high - low > self.tolerance:
-            middle = 0.5 * (low + high)
-            if cess_at(middle) >= self.target_cess:
-                low = middle
-            else:
-                high = middle
-        return min(1.0, max(low, t + self.min_step))
+        t_next = largest_exponent_keeping_ess(cess_at, self.target_cess, t, 1.0, self.tolerance)
+        return min(1.0, max(t_next, t + self.min_step))
 
     def __repr__(self) -> str:
         return f"AdaptiveSchedule(target_cess={self.target_cess})"

@@ -8,6 +8,7 @@ produces NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -103,6 +104,27 @@ def conditional_ess(log_weights: torch.Tensor, increments: torch.Tensor) -> floa
     if not torch.isfinite(denominator):
         return 0.0
     return float(torch.exp(numerator - denominator))
+
+
+def largest_exponent_keeping_ess(ess: Callable[[float], float], target: float, low: float, high: float,
+                                 tolerance: float) -> float:
+    """The largest exponent in ``[low, high]`` whose weights keep ``ess(exponent) >= target``.
+
+    For an ``ess`` that falls as the exponent grows and keeps the target at ``low``: an
+    annealing time whose step keeps a conditional ESS (:class:`~openmm_sbg.smc.AdaptiveSchedule`),
+    a tempering exponent of importance weights (:func:`openmm_sbg.flow.refine.tempering_exponent`).
+    ``high`` when it keeps the target; otherwise bisection until the bracket is no wider than
+    ``tolerance``, returning its lower end.
+    """
+    if ess(high) >= target:
+        return high
+    while high - low > tolerance:
+        middle = 0.5 * (low + high)
+        if ess(middle) >= target:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def energy_cutoff_filter(e_target: torch.Tensor, cutoff: float | None) -> torch.Tensor:
