@@ -414,16 +414,7 @@ class TarFlow(nn.Module):
     # ------------------------------------------------------------ checkpoints
     def checkpoint_payload(self, state_dict: dict | None = None) -> dict:
         """The checkpoint dict of this flow (``state_dict`` overrides its own weights)."""
-        weights = self.state_dict() if state_dict is None else state_dict
-        return {
-            "config": self.config.to_dict(),
-            "n_atoms": self.n_atoms,
-            "std": self.std,
-            "com_std": self.com_std,
-            "state_dict": {key: value.detach().cpu().clone() for key, value in weights.items()},
-            "target": self.target_identity,
-            "metadata": dict(self.metadata),
-        }
+        return checkpoint.flow_payload(self, state_dict)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this flow's checkpoint to ``path`` atomically."""
@@ -432,25 +423,7 @@ class TarFlow(nn.Module):
     @classmethod
     def from_payload(cls, payload: dict, source: str = "<payload>", target=None) -> TarFlow:
         """Build a flow from a validated checkpoint dict (see :meth:`load`)."""
-        identity = payload["target"]
-        if target is not None:
-            if identity is None:
-                raise ValueError(f"flow checkpoint {source} stores no target, so it cannot be checked against one")
-            checkpoint.check_target(identity, target, source)
-        weights = payload["state_dict"]
-        zmatrix = None
-        if "representation.root" in weights:
-            zmatrix = ZMatrix(tuple(weights["representation.root"].tolist()), weights["representation.placed"].numpy())
-        flow = cls(payload["config"], payload["n_atoms"], std=payload["std"], zmatrix=zmatrix)
-        flow.target_identity = identity
-        flow.metadata = dict(payload["metadata"])
-        try:
-            # assign: every tensor keeps the dtype it was saved in (a float32 flow's float64-by-default
-            # marginal buffers stay float32), so a loaded flow computes exactly what the saved one did.
-            flow.load_state_dict(weights, assign=True)
-        except RuntimeError as err:
-            raise ValueError(f"flow checkpoint {source} does not match its own configuration: {err}") from None
-        return flow.eval()
+        return checkpoint.flow_from_payload(cls, payload, source, target)
 
     @classmethod
     def load(cls, path: str | os.PathLike, target=None, map_location: str | torch.device = "cpu") -> TarFlow:
