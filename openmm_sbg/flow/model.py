@@ -1,17 +1,11 @@
-"""TarFlow: a normalizing flow of causal-transformer autoregressive blocks.
+"""TarFlow: a normalizing flow of causal-transformer autoregressive blocks over molecular configurations.
 
-Each block maps a token sequence ``x`` to ``z`` by
-
-    z_i = (x_i - b_i(x_<i)) * exp(-a_i(x_<i)),        log|det dz/dx| = -sum_i a_i,
-
-where a causal transformer reads tokens ``0..i-1`` and predicts the shift ``b_i`` and
-log-scale ``a_i`` of token ``i`` (token 0 passes unchanged). With ``spline_bins > 0`` the
-transformer also predicts a monotone rational-quadratic spline ``s_i`` per channel
-(:mod:`openmm_sbg.flow.splines`) and ``z_i = s_i((x_i - b_i) * exp(-a_i))``, so that one block
-can give token ``i`` a multimodal conditional density. The forward direction is one parallel
-transformer pass; the inverse recovers tokens one at a time, feeding each into the
-transformer with a key/value cache. Blocks alternate identity / reversed token order so that
-every token is conditioned on every other one somewhere in the stack.
+A representation (:mod:`openmm_sbg.flow.representations`) maps positions to features, and a
+stack of autoregressive blocks (:mod:`openmm_sbg.flow.autoregressive`) maps the features, as a
+token sequence, to a standard normal latent. Each block moves token ``i`` through elementwise
+transforms (:mod:`openmm_sbg.flow.elementwise`: affine, optionally followed by a spline) whose
+parameters a causal transformer predicts from tokens ``0..i-1``; blocks alternate identity /
+reversed token order so that every token is conditioned on every other one somewhere in the stack.
 """
 
 from __future__ import annotations
@@ -20,168 +14,18 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.autoregressive import AutoregressiveBlock
+from openmm_sbg.flow.elementwise import token_transforms
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.representations import make_representation
-from openmm_sbg.flow.splines import parameters_per_channel, rational_quadratic
 from openmm_sbg.flow.zmatrix import ZMatrix
 
 #: Samples :meth:`TarFlow.sample` inverts at a time unless told otherwise; a caller that
 #: draws latents itself follows these chunks to consume the generator as ``sample`` does.
 SAMPLE_BATCH_SIZE = 4096
-#: Spline blocks act on ``[-SPLINE_BOUND, SPLINE_BOUND]`` of the affine-transformed token and
-#: are the identity outside; features are standardised, so this holds all but rare tails.
-SPLINE_BOUND = 5.0
-
-
-class KVCache:
-    """Keys and values of one transformer layer for the positions filled so far: written in place
-    into ``length`` positions, or, when they need gradients (reverse-KL refinement backpropagates
-    through sampling), grown by concatenation, as in-place writes would break the backward pass."""
-
-    def __init__(self, length: int):
-        self.length, self.filled = length, 0
-        self.keys = self.values = None  # tensors [B, H, positions, D] once the first token is in
-
-    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' keys and values ``[B, H, T, D]``; return all of them."""
-        start, self.filled = self.filled, self.filled + keys.shape[2]
-        if keys.requires_grad:
-            pairs = ((self.keys, keys), (self.values, values))
-            self.keys, self.values = (new if old is None else torch.cat([old, new], dim=2) for old, new in pairs)
-            return self.keys, self.values
-        if self.keys is None:
-            self.keys, self.values = (t.new_empty(*t.shape[:2], self.length, t.shape[3]) for t in (keys, values))
-        self.keys[:, :, start : self.filled], self.values[:, :, start : self.filled] = keys, values
-        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention that can also extend a :class:`KVCache` one step."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Attend over ``h`` ``[B, T, W]``; with ``cache``, ``h`` holds the positions after the cached ones."""
-        batch, length, width = h.shape
-        q, k, v = self.qkv(h).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            keys, values = cache.extend(k, v)
-            # One new query sees every cached position, so no mask is needed.
-            y = F.scaled_dot_product_attention(q, keys, values)
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
-
-
-class TransformerLayer(nn.Module):
-    """Pre-LayerNorm transformer layer: causal attention, then an MLP."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attention = CausalSelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self.attention(self.norm1(h), cache)
-        return h + self.mlp(self.norm2(h))
-
-
-class AutoregressiveBlock(nn.Module):
-    """One TarFlow block over ``tokens`` tokens of ``channels`` channels.
-
-    Parameters
-    ----------
-    tokens, channels
-        Sequence length and channels per token.
-    width, layers, heads, mlp_ratio
-        Size of the causal transformer.
-    reverse
-        Process tokens in reversed order (alternate blocks do, so each token is conditioned
-        on all others somewhere in the stack).
-    spline_bins
-        0 for an affine block; otherwise the bins of the rational-quadratic spline that
-        follows the affine map of each channel.
-    """
-
-    def __init__(
-        self, tokens: int, channels: int, width: int, layers: int, heads: int, mlp_ratio: int, reverse: bool, spline_bins: int = 0
-    ):
-        super().__init__()
-        self.reverse = reverse
-        self.heads = heads
-        self.channels = channels
-        self.spline_bins = int(spline_bins)
-        self.proj_in = nn.Linear(channels, width)
-        # The last token conditions nothing, so the transformer only ever sees tokens-1 positions.
-        self.position = nn.Parameter(torch.randn(tokens - 1, width) * 0.02)
-        self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        spline_parameters = parameters_per_channel(self.spline_bins) if self.spline_bins else 0
-        self.proj_out = nn.Linear(width, (2 + spline_parameters) * channels)
-        # Zero-initialised output: every block starts as the identity (a zero spline is one
-        # too), so training starts from the prior fitted to normalised data and the first
-        # updates are well behaved.
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def _token_maps(self, x: torch.Tensor, caches: list[KVCache] | None = None, position: int = 0):
-        """Transformer outputs for inputs at ``position..``: shift, log-scale and spline parameters
-        (``None`` for an affine block) of the next tokens."""
-        h = self.proj_in(x) + self.position[position : position + x.shape[1]]
-        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
-            h = layer(h, cache)
-        out = self.proj_out(self.norm(h))
-        if not self.spline_bins:
-            log_scale, shift = out.chunk(2, dim=-1)
-            return shift, log_scale, None
-        out = out.view(*out.shape[:-1], self.channels, -1)
-        return out[..., 1], out[..., 0], out[..., 2:]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, T, C]`` -> ``(z, log|det dz/dx|)``."""
-        if self.reverse:
-            x = x.flip(1)
-        shift, log_scale, spline = self._token_maps(x[:, :-1])
-        moved = (x[:, 1:] - shift) * torch.exp(-log_scale)
-        log_det = -log_scale.sum(dim=(1, 2))
-        if spline is not None:
-            moved, spline_log_det = rational_quadratic(moved, spline, SPLINE_BOUND)
-            log_det = log_det + spline_log_det.sum(dim=(1, 2))
-        z = torch.cat([x[:, :1], moved], dim=1)
-        if self.reverse:
-            z = z.flip(1)
-        return z, log_det
-
-    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z`` ``[B, T, C]`` -> ``(x, log|det dx/dz|)``, one token at a time with a KV cache."""
-        if self.reverse:
-            z = z.flip(1)
-        batch, tokens, _ = z.shape
-        caches = [KVCache(tokens - 1) for _ in self.layers]
-        x = [z[:, :1]]
-        log_det = z.new_zeros(batch)
-        for i in range(1, tokens):
-            shift, log_scale, spline = self._token_maps(x[-1], caches, position=i - 1)
-            token = z[:, i : i + 1]
-            if spline is not None:
-                token, spline_log_det = rational_quadratic(token, spline, SPLINE_BOUND, inverse=True)
-                log_det = log_det + spline_log_det.sum(dim=(1, 2))
-            x.append(token * torch.exp(log_scale) + shift)
-            log_det = log_det + log_scale.sum(dim=(1, 2))
-        x = torch.cat(x, dim=1)
-        if self.reverse:
-            x = x.flip(1)
-        return x, log_det
 
 
 class TarFlow(nn.Module):
@@ -259,7 +103,8 @@ class TarFlow(nn.Module):
         tokens, channels = self._token_shape
         self.blocks = nn.ModuleList(
             AutoregressiveBlock(
-                tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio, reverse=i % 2 == 1, spline_bins=cfg.spline_bins
+                tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio,
+                reverse=i % 2 == 1, transforms=token_transforms(cfg.spline_bins),
             )
             for i in range(cfg.n_blocks)
         )
