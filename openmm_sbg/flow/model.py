@@ -158,7 +158,7 @@ class TarFlow(nn.Module):
     def nll_per_dim(self, y: torch.Tensor) -> torch.Tensor:
         """Training loss: ``-log q(y) / dim`` ``[B]`` for features ``y`` (normalised units)."""
         z, log_det = self.normalised_forward(y)
-        return -(_standard_normal_log_prob(z) + log_det) / self.dim
+        return -(standard_normal_log_prob(z) + log_det) / self.dim
 
     # -------------------------------------------------------------- nm space
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +168,7 @@ class TarFlow(nn.Module):
         for internal coordinates ``z`` is ``[B, N - 2, 3]`` and ``log_det`` also holds the
         analytic rigid-body density and the Z-matrix volume element.
         """
-        features, representation_log_det = self.representation.features(self._check(x))
+        features, representation_log_det = self.representation.forward(self._check(x))
         z, log_det = self.normalised_forward(features)
         return z, log_det + representation_log_det
 
@@ -180,8 +180,8 @@ class TarFlow(nn.Module):
         """
         param = self._param()
         features, log_det = self.normalised_inverse(z.to(dtype=param.dtype, device=param.device))
-        x, representation_log_det = self.representation.positions(features, rigid)
-        return x, log_det - representation_log_det
+        x, representation_log_det = self.representation.inverse(features, rigid)
+        return x, log_det + representation_log_det
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log q(x)`` ``[B]`` of positions ``[B, N, 3]`` in nm (density per nm^3N).
@@ -191,7 +191,7 @@ class TarFlow(nn.Module):
         factor with :func:`openmm_sbg.smc.proposal.com_log_density`.
         """
         z, log_det = self.forward(x)
-        return _standard_normal_log_prob(z) + log_det
+        return standard_normal_log_prob(z) + log_det
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """Proposal energy ``-log q(x)`` ``[B]`` in the dtype of ``x``; differentiable in ``x``."""
@@ -211,7 +211,7 @@ class TarFlow(nn.Module):
         z = latents[:, : self.dim].reshape(len(latents), *self.representation.feature_shape)
         rigid = latents[:, self.dim :] if self.representation.n_rigid else None
         x, log_det = self.inverse(z, rigid)
-        return x, _standard_normal_log_prob(z) - log_det
+        return x, standard_normal_log_prob(z) - log_det
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = SAMPLE_BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +295,7 @@ class TarFlow(nn.Module):
         return f"n_atoms={self.n_atoms}, std={self.std:.4g} nm, config={self.config}"
 
 
-def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """``log N(z; 0, I)`` summed over all but the batch dimension."""
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """``log N(z; 0, I)`` summed over all but the batch dimension: the log density of the flow's base."""
     flat = z.reshape(z.shape[0], -1)
     return -0.5 * (flat**2).sum(dim=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
