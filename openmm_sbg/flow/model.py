@@ -1,8 +1,9 @@
 """TarFlow: a normalizing flow of causal-transformer autoregressive blocks over molecular configurations.
 
-A representation (:mod:`openmm_sbg.flow.representations`) maps positions to features, and a
-stack of autoregressive blocks (:mod:`openmm_sbg.flow.autoregressive`) maps the features, as a
-token sequence, to a standard normal latent. Each block moves token ``i`` through elementwise
+The flow is a chain of bijections (:mod:`openmm_sbg.flow.composition`) over a standard normal
+base distribution: a representation (:mod:`openmm_sbg.flow.representations`) maps positions to
+features, and a stack of autoregressive blocks (:mod:`openmm_sbg.flow.autoregressive`) maps the
+features, as a token sequence, to the latent. Each block moves token ``i`` through elementwise
 transforms (:mod:`openmm_sbg.flow.elementwise`: affine, optionally followed by a spline) whose
 parameters a causal transformer predicts from tokens ``0..i-1``; blocks alternate identity /
 reversed token order so that every token is conditioned on every other one somewhere in the stack.
@@ -18,6 +19,7 @@ from torch import nn
 
 from openmm_sbg.flow import checkpoint
 from openmm_sbg.flow.autoregressive import AutoregressiveBlock
+from openmm_sbg.flow.composition import Composition, Conditioned, Reshaped
 from openmm_sbg.flow.elementwise import token_transforms
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.representations import make_representation
@@ -99,8 +101,8 @@ class TarFlow(nn.Module):
         if cfg.representation == "internal" and zmatrix is None and topology is not None:
             zmatrix = ZMatrix.from_topology(topology)
         self.representation = make_representation(cfg.representation, self.n_atoms, self.std, zmatrix, cfg.marginals)
-        self._token_shape = self.representation.token_shape(cfg.tokens)
-        tokens, channels = self._token_shape
+        self.token_shape = self.representation.token_shape(cfg.tokens)
+        tokens, channels = self.token_shape
         self.blocks = nn.ModuleList(
             AutoregressiveBlock(
                 tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio,
@@ -118,7 +120,7 @@ class TarFlow(nn.Module):
     @property
     def dim(self) -> int:
         """Number of features the transformer blocks model: ``3N``, or ``3N - 6`` for internal coordinates."""
-        return self._token_shape[0] * self._token_shape[1]
+        return self.token_shape[0] * self.token_shape[1]
 
     @property
     def latent_dim(self) -> int:
@@ -137,23 +139,23 @@ class TarFlow(nn.Module):
         param = self._param()
         return x.to(dtype=param.dtype, device=param.device)
 
+    # ------------------------------------------------------------ the chain
+    def latent_transform(self) -> Reshaped:
+        """Features <-> latent: the blocks in order, on the features as ``token_shape`` tokens."""
+        return Reshaped(Composition(self.blocks), self.token_shape)
+
+    def transform(self, rigid: torch.Tensor | None = None) -> Composition:
+        """Positions (nm) <-> latent: ``[representation, blocks]``; ``rigid`` places the inverse's samples
+        (see :meth:`inverse`)."""
+        return Composition([Conditioned(self.representation, rigid), self.latent_transform()])
+
     def normalised_forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``y`` ``[B, ...]`` (see :mod:`~openmm_sbg.flow.representations`) -> ``(z, log|det dz/dy|)``."""
-        h = y.reshape(y.shape[0], *self._token_shape)
-        log_det = h.new_zeros(h.shape[0])
-        for block in self.blocks:
-            h, block_log_det = block(h)
-            log_det = log_det + block_log_det
-        return h.reshape(y.shape), log_det
+        return self.latent_transform().forward(y)
 
     def normalised_inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prior sample ``z`` ``[B, ...]`` -> ``(features y, log|det dy/dz|)``."""
-        h = z.reshape(z.shape[0], *self._token_shape)
-        log_det = h.new_zeros(h.shape[0])
-        for block in reversed(self.blocks):
-            h, block_log_det = block.inverse(h)
-            log_det = log_det + block_log_det
-        return h.reshape(z.shape), log_det
+        return self.latent_transform().inverse(z)
 
     def nll_per_dim(self, y: torch.Tensor) -> torch.Tensor:
         """Training loss: ``-log q(y) / dim`` ``[B]`` for features ``y`` (normalised units)."""
@@ -168,9 +170,7 @@ class TarFlow(nn.Module):
         for internal coordinates ``z`` is ``[B, N - 2, 3]`` and ``log_det`` also holds the
         analytic rigid-body density and the Z-matrix volume element.
         """
-        features, representation_log_det = self.representation.forward(self._check(x))
-        z, log_det = self.normalised_forward(features)
-        return z, log_det + representation_log_det
+        return self.transform().forward(self._check(x))
 
     def inverse(self, z: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent ``z`` (shaped as :meth:`forward` returns it) -> ``(x in nm, log_det)``, ``log q(x) = log N(z) - log_det``.
@@ -179,9 +179,7 @@ class TarFlow(nn.Module):
         in space (orientation and centre); a Cartesian flow takes none.
         """
         param = self._param()
-        features, log_det = self.normalised_inverse(z.to(dtype=param.dtype, device=param.device))
-        x, representation_log_det = self.representation.inverse(features, rigid)
-        return x, log_det + representation_log_det
+        return self.transform(rigid).inverse(z.to(dtype=param.dtype, device=param.device))
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log q(x)`` ``[B]`` of positions ``[B, N, 3]`` in nm (density per nm^3N).
