@@ -51,8 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from openmm_sbg import populations
-from openmm_sbg.flow import checkpoint
-from openmm_sbg.flow.features import augment_features, training_features
+from openmm_sbg.flow import checkpoint, features
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.training import _cpu_copy, _features, _fingerprint, _generator, optimiser_step
 from openmm_sbg.smc.proposal import com_log_density
@@ -354,8 +353,8 @@ class _Run:
             probs = torch.cat([torch.softmax(log_w, 0) for _, log_w, _ in self.buffer]) / len(self.buffer)
             pick = torch.multinomial(probs, o.batch_size, replacement=True, generator=_generator(o.seed, _BUFFER_BATCH, self.step))
             x = torch.cat([x for x, _, _ in self.buffer])[pick]
-            y = training_features(self.model.representation, x.double()).float()
-            y = augment_features(self.model.representation, y, _generator(o.seed, _BUFFER_AUGMENT, self.step))
+            y = features.training_features(self.model.representation, x.double()).float()
+            y = features.augment_features(self.model.representation, y, _generator(o.seed, _BUFFER_AUGMENT, self.step))
             return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
         latents = self.model.draw_latents(o.batch_size, _generator(o.seed, _REFRESH, self.step))[rows]
         x, log_q = self.model.from_latents(latents)
@@ -371,7 +370,7 @@ class _Run:
     def data_loss(self) -> torch.Tensor:
         o, rows = self.options, self.processes.rows(self.options.batch_size)
         pick = torch.randint(0, len(self.data), (o.batch_size,), generator=_generator(o.seed, _DATA_BATCH, self.step))
-        y = augment_features(self.model.representation, self.data[pick], _generator(o.seed, _DATA_AUGMENT, self.step))
+        y = features.augment_features(self.model.representation, self.data[pick], _generator(o.seed, _DATA_AUGMENT, self.step))
         return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
 
     # ------------------------------------------------------------------ guard

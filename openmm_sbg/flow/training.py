@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from openmm_sbg.flow import checkpoint
-from openmm_sbg.flow.features import augment_features, fit_representation, training_features
+from openmm_sbg.flow import checkpoint, features
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.symmetry import centred_std
@@ -188,7 +187,7 @@ def train(
         # Seed the initial weights without touching the caller's global RNG.
         torch.manual_seed(_seed(options.seed, _INIT, 0))
         flow = TarFlow(config, n_atoms, target=target, std=centred_std(train_positions))
-    fit_representation(flow.representation, torch.as_tensor(train_positions))
+    features.fit_representation(flow.representation, torch.as_tensor(train_positions))
     run = TrainingRun(flow.to(device), train_positions, val_positions, options, parallel or SingleProcess(),
                       checkpoint_path, metadata)
     if checkpoint_path is not None and os.path.exists(checkpoint_path) and not overwrite:
@@ -270,7 +269,7 @@ class TrainingRun:
                 order = torch.randperm(len(y_train), generator=_generator(options.seed, _BATCH_ORDER, epoch))
                 batch = y_train[order[index * self.batch_size : (index + 1) * self.batch_size].to(y_train.device)]
                 # Augment the whole batch first so each process sees the rows a single process would.
-                y = augment_features(self.flow.representation, batch, _generator(options.seed, _AUGMENT, self.step, device=y_train.device))
+                y = features.augment_features(self.flow.representation, batch, _generator(options.seed, _AUGMENT, self.step, device=y_train.device))
                 loss = nll(self.parallel.shard(y)).mean()
                 loss_value = self.parallel.mean(loss)
                 if not math.isfinite(loss_value):
@@ -349,7 +348,7 @@ def _as_frames(positions, name: str) -> np.ndarray:
 
 def _features(positions: np.ndarray, flow: TarFlow) -> torch.Tensor:
     param = next(flow.parameters())
-    y = training_features(flow.representation, torch.as_tensor(positions, dtype=torch.float64))
+    y = features.training_features(flow.representation, torch.as_tensor(positions, dtype=torch.float64))
     return y.to(dtype=param.dtype, device=param.device)
 
 
@@ -400,7 +399,7 @@ def _validate(flow: TarFlow, y_val: torch.Tensor, seed: int, batch_size: int = 1
     generator = _generator(seed, _VALIDATION, 0, device=y_val.device)
     total = 0.0
     for start in range(0, len(y_val), batch_size):
-        total += flow.nll_per_dim(augment_features(flow.representation, y_val[start : start + batch_size], generator)).sum().item()
+        total += flow.nll_per_dim(features.augment_features(flow.representation, y_val[start : start + batch_size], generator)).sum().item()
     return total / len(y_val)
 
 
