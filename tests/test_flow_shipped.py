@@ -87,3 +87,53 @@ def test_internal_model_log_z_from_is_and_smc_agree(ad2):
     means = {name: np.mean(values) for name, values in estimates.items()}
     errors = {name: np.std(values, ddof=1) / np.sqrt(len(values)) for name, values in estimates.items()}
     assert abs(means["is"] - means["smc"]) < 3 * np.hypot(errors["is"], errors["smc"]) + 0.05, (estimates, errors)
+
+
+# ------------------------------------------------------------------ bit-identical draws
+# A fixed-seed draw of each shipped model, recorded once: its first rows in full and a sha256
+# of all of it (samples, their log q from sampling, and log q from scoring them again), so a
+# change to the flow's code that alters any sample or density by one bit fails here.
+# Regenerate (only when a change of the numbers is intended): python tests/test_flow_shipped.py
+DRAWS_FILE = os.path.join(os.path.dirname(__file__), "data", "shipped_draws.npz")
+DRAW_SIZE, DRAW_ROWS_KEPT, DRAW_SEED = 256, 8, 1234
+
+
+def fixed_seed_draw(name: str) -> dict:
+    """Samples, their log q and the log q :meth:`TarFlow.log_prob` gives them, as numpy arrays."""
+    flow = TarFlow.load(name)
+    with torch.no_grad():
+        x, log_q = flow.sample(DRAW_SIZE, generator=torch.Generator().manual_seed(DRAW_SEED))
+        scored = flow.log_prob(x)
+    return {"x": x.numpy(), "log_q": log_q.numpy(), "log_prob": scored.numpy()}
+
+
+def draw_digest(draw: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in ("x", "log_q", "log_prob"):
+        digest.update(draw[key].dtype.str.encode() + repr(draw[key].shape).encode() + draw[key].tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_draws_are_bit_identical_to_the_recorded_ones(name):
+    import numpy as np
+
+    recorded = np.load(DRAWS_FILE)
+    draw = fixed_seed_draw(name)
+    for key in ("x", "log_q", "log_prob"):
+        np.testing.assert_array_equal(draw[key][:DRAW_ROWS_KEPT], recorded[f"{name}/{key}"], err_msg=key)
+    assert draw_digest(draw) == str(recorded[f"{name}/sha256"])
+
+
+if __name__ == "__main__":
+    import numpy as np
+
+    torch.set_num_threads(1)  # as the tests run (conftest): the numbers must not depend on threading
+    arrays = {}
+    for model in SHIPPED:
+        draw = fixed_seed_draw(model)
+        arrays.update({f"{model}/{key}": value[:DRAW_ROWS_KEPT] for key, value in draw.items()})
+        arrays[f"{model}/sha256"] = np.array(draw_digest(draw))
+    np.savez_compressed(DRAWS_FILE, **arrays)

@@ -12,7 +12,8 @@ from toy_molecules import carbon_chain
 
 from openmm_sbg import BoltzmannTarget, systems
 from openmm_sbg.flow import FlowConfig, TarFlow, train
-from openmm_sbg.flow.model import _standard_normal_log_prob
+from openmm_sbg.flow.features import fit_representation
+from openmm_sbg.flow.model import standard_normal_log_prob
 from openmm_sbg.flow.symmetry import random_rotations
 from openmm_sbg.flow.zmatrix import ZMatrix
 from openmm_sbg.smc.proposal import com_log_density
@@ -33,7 +34,7 @@ def random_internal_flow(target, seed=0, **variant) -> TarFlow:
     """An internal flow fitted to jittered structures, with random (non-identity) blocks, in float64."""
     torch.manual_seed(seed)
     flow = TarFlow(dataclasses.replace(TINY_INTERNAL, **variant), target=target, std=0.2)
-    flow.representation.fit(jittered(target, 256, seed=seed))
+    fit_representation(flow.representation, jittered(target, 256, seed=seed))
     for block in flow.blocks:
         torch.nn.init.normal_(block.proj_out.weight, std=0.05)
         torch.nn.init.normal_(block.proj_out.bias, std=0.05)
@@ -76,7 +77,7 @@ def test_disconnected_bond_graph_is_refused():
 def _rigid_and_internal(representation, flat: torch.Tensor):
     """Features, CoM and three Euler-type angles of the frame: a full set of 3N coordinates."""
     x = flat.view(1, -1, 3)
-    features, _ = representation.features(x)
+    features, _ = representation.forward(x)
     rotation = representation.zmatrix.orientation(x)[0]
     e1, e2 = rotation[:, 0], rotation[:, 1]
     polar, azimuth = torch.acos(e1[2]), torch.atan2(e1[1], e1[0])
@@ -103,9 +104,9 @@ def test_log_det_equals_float64_autograd_jacobian(name, variant):
         log_com = -1.5 * math.log(2 * math.pi * s**2) - com.square().sum() / (2 * s**2)
         log_rotation = torch.log(torch.sin(polar)) - math.log(8 * math.pi**2)
         expected = torch.linalg.slogdet(jacobian)[1] + log_com + log_rotation
-        assert representation.features(x[i : i + 1])[1].item() == pytest.approx(expected.item(), abs=1e-9)
+        assert representation.forward(x[i : i + 1])[1].item() == pytest.approx(expected.item(), abs=1e-9)
         z, block_log_det = flow.normalised_forward(features[: flow.dim].view(1, -1, 3))
-        assert log_q[i].item() == pytest.approx((_standard_normal_log_prob(z) + block_log_det + expected).item(), abs=1e-8)
+        assert log_q[i].item() == pytest.approx((standard_normal_log_prob(z) + block_log_det + expected).item(), abs=1e-8)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
@@ -175,7 +176,7 @@ def test_importance_sampling_recovers_known_log_z():
     target, exact = _chain_target()
     torch.manual_seed(0)
     flow = TarFlow(TINY_INTERNAL, target=target, std=0.2)
-    flow.representation.fit(_chain_frames(target, 4000))
+    fit_representation(flow.representation, _chain_frames(target, 4000))
     for block in flow.blocks:
         torch.nn.init.normal_(block.proj_out.weight, std=0.02)
     flow = flow.double()

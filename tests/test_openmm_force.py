@@ -12,6 +12,7 @@ from openmmtools import cache, mcmc, states
 
 from openmm_sbg import TarFlow, systems
 from openmm_sbg.flow import get_preset
+from openmm_sbg.flow.features import fit_representation
 from openmm_sbg.flow.presets import REPRESENTATIONS
 from openmm_sbg.openmm import (
     AnnealingState,
@@ -33,7 +34,7 @@ def flow_path(request, tmp_path_factory):
     torch.manual_seed(0)
     target = systems.get("ad2", platform="Reference")
     flow = TarFlow(dataclasses.replace(get_preset("ad2-small"), representation=request.param), target=target, std=0.3)
-    flow.representation.fit(_configurations(target, n=64))
+    fit_representation(flow.representation, _configurations(target, n=64))
     return save_perturbed(flow, 0.02, tmp_path_factory.mktemp("flow"))
 
 

@@ -16,6 +16,7 @@ from toy_molecules import carbon_chain
 from openmm_sbg import BoltzmannTarget, populations
 from openmm_sbg.flow import FlowConfig, TarFlow
 from openmm_sbg.flow import refine as refine_module
+from openmm_sbg.flow.features import fit_representation
 from openmm_sbg.flow.refine import RefineOptions, importance_weights, refine
 from openmm_sbg.flow.zmatrix import ZMatrix
 from openmm_sbg.smc.weights import normalised_ess
@@ -74,7 +75,7 @@ def uniform_torsion_flow(target, seed=0, spread=1.0, **variant) -> TarFlow:
     frames = zmatrix.to_cartesian(q, torch.zeros(n, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).expand(n, 3, 3))
     torch.manual_seed(seed)
     flow = TarFlow(dataclasses.replace(TINY, **variant), target=target, std=0.1)
-    flow.representation.fit(frames)
+    fit_representation(flow.representation, frames)
     return flow
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from openmm_sbg.flow import FlowConfig, TarFlow
-from openmm_sbg.flow.model import AutoregressiveBlock
+from openmm_sbg.flow.autoregressive import AutoregressiveBlock
+from openmm_sbg.flow.elementwise import token_transforms
 from openmm_sbg.flow.splines import parameters_per_channel, rational_quadratic
 
 BINS = 8
@@ -83,7 +84,7 @@ def _entropy_two_well_conditional() -> float:
 
 def _fit_one_block(spline_bins: int, steps: int = 400) -> float:
     torch.manual_seed(0)
-    block = AutoregressiveBlock(2, 1, width=32, layers=1, heads=2, mlp_ratio=2, reverse=False, spline_bins=spline_bins)
+    block = AutoregressiveBlock(2, 1, width=32, layers=1, heads=2, mlp_ratio=2, reverse=False, transforms=token_transforms(spline_bins))
     optimiser = torch.optim.Adam(block.parameters(), lr=1e-2)
     data = two_well_conditional(2048, seed=0)
 

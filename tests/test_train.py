@@ -36,7 +36,7 @@ def test_short_training_lowers_validation_nll(ad2):
 @pytest.mark.parametrize("select_best", [True, False])
 def test_result_holds_the_best_or_the_last_validated_weights(ad2, select_best):
     """Eight training frames overfit at once, so validation gets worse: only select_best keeps the earlier weights."""
-    from openmm_sbg.flow.fitting import features as _features
+    from openmm_sbg.flow.fitting import feature_tensor as _features
     from openmm_sbg.flow.training import _validate
 
     frames = thermal_frames(ad2, 108)

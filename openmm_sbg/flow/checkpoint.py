@@ -20,6 +20,8 @@ A checkpoint is a ``torch.save`` dict with
     an interrupted run resumes where its last checkpoint left it.
 
 Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+:func:`flow_payload` and :func:`flow_from_payload` turn a :class:`~openmm_sbg.flow.TarFlow` into
+that dict and back (``TarFlow.save``, ``TarFlow.load`` and friends call them).
 """
 
 from __future__ import annotations
@@ -89,6 +91,50 @@ def _reason(err: Exception) -> str:
             name = line.split("GLOBAL", 1)[-1].split()[0]
             return f"it holds a Python object of type {name}, which is not loaded because it could run code"
     return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------------------- flows
+def flow_payload(flow, state_dict: dict | None = None) -> dict:
+    """The checkpoint dict of a TarFlow (``state_dict`` overrides its own weights)."""
+    weights = flow.state_dict() if state_dict is None else state_dict
+    return {
+        "config": flow.config.to_dict(),
+        "n_atoms": flow.n_atoms,
+        "std": flow.std,
+        "com_std": flow.com_std,
+        "state_dict": {key: value.detach().cpu().clone() for key, value in weights.items()},
+        "target": flow.target_identity,
+        "metadata": dict(flow.metadata),
+    }
+
+
+def flow_from_payload(flow_class, payload: dict, source: str = "<payload>", target=None):
+    """Build a ``flow_class`` (TarFlow) flow from a validated checkpoint dict, in eval mode.
+
+    ``target``, if given, must be the checkpoint's molecule (see :func:`check_target`);
+    ``source`` names the checkpoint in errors.
+    """
+    from openmm_sbg.flow.zmatrix import ZMatrix
+
+    identity = payload["target"]
+    if target is not None:
+        if identity is None:
+            raise ValueError(f"flow checkpoint {source} stores no target, so it cannot be checked against one")
+        check_target(identity, target, source)
+    weights = payload["state_dict"]
+    zmatrix = None
+    if "representation.root" in weights:
+        zmatrix = ZMatrix(tuple(weights["representation.root"].tolist()), weights["representation.placed"].numpy())
+    flow = flow_class(payload["config"], payload["n_atoms"], std=payload["std"], zmatrix=zmatrix)
+    flow.target_identity = identity
+    flow.metadata = dict(payload["metadata"])
+    try:
+        # assign: every tensor keeps the dtype it was saved in (a float32 flow's float64-by-default
+        # marginal buffers stay float32), so a loaded flow computes exactly what the saved one did.
+        flow.load_state_dict(weights, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"flow checkpoint {source} does not match its own configuration: {err}") from None
+    return flow.eval()
 
 
 # ---------------------------------------------------------------------------- target identity

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.features import training_features
 from openmm_sbg.resume import check_resume_settings
 
 
@@ -59,11 +60,11 @@ def cpu_copy(module: torch.nn.Module) -> dict:
     return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
 
 
-def features(positions: np.ndarray, flow) -> torch.Tensor:
+def feature_tensor(positions: np.ndarray, flow) -> torch.Tensor:
     """The representation's training features of positions ``[T, N, 3]`` (nm), computed in float64 for
     accuracy and returned in the flow's dtype and on its device."""
     param = next(flow.parameters())
-    y = flow.representation.training_features(torch.as_tensor(positions, dtype=torch.float64))
+    y = training_features(flow.representation, torch.as_tensor(positions, dtype=torch.float64))
     return y.to(dtype=param.dtype, device=param.device)
 
 

@@ -1,17 +1,12 @@
-"""TarFlow: a normalizing flow of causal-transformer autoregressive blocks.
+"""TarFlow: a normalizing flow of causal-transformer autoregressive blocks over molecular configurations.
 
-Each block maps a token sequence ``x`` to ``z`` by
-
-    z_i = (x_i - b_i(x_<i)) * exp(-a_i(x_<i)),        log|det dz/dx| = -sum_i a_i,
-
-where a causal transformer reads tokens ``0..i-1`` and predicts the shift ``b_i`` and
-log-scale ``a_i`` of token ``i`` (token 0 passes unchanged). With ``spline_bins > 0`` the
-transformer also predicts a monotone rational-quadratic spline ``s_i`` per channel
-(:mod:`openmm_sbg.flow.splines`) and ``z_i = s_i((x_i - b_i) * exp(-a_i))``, so that one block
-can give token ``i`` a multimodal conditional density. The forward direction is one parallel
-transformer pass; the inverse recovers tokens one at a time, feeding each into the
-transformer with a key/value cache. Blocks alternate identity / reversed token order so that
-every token is conditioned on every other one somewhere in the stack.
+The flow is a chain of bijections (:mod:`openmm_sbg.flow.composition`) over a standard normal
+base distribution: a representation (:mod:`openmm_sbg.flow.representations`) maps positions to
+features, and a stack of autoregressive blocks (:mod:`openmm_sbg.flow.autoregressive`) maps the
+features, as a token sequence, to the latent. Each block moves token ``i`` through elementwise
+transforms (:mod:`openmm_sbg.flow.elementwise`: affine, optionally followed by a spline) whose
+parameters a causal transformer predicts from tokens ``0..i-1``; blocks alternate identity /
+reversed token order so that every token is conditioned on every other one somewhere in the stack.
 """
 
 from __future__ import annotations
@@ -20,168 +15,19 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from openmm_sbg.flow import checkpoint
+from openmm_sbg.flow.autoregressive import AutoregressiveBlock
+from openmm_sbg.flow.composition import Composition, Conditioned, Reshaped
+from openmm_sbg.flow.elementwise import token_transforms
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.representations import make_representation
-from openmm_sbg.flow.splines import parameters_per_channel, rational_quadratic
 from openmm_sbg.flow.zmatrix import ZMatrix
 
 #: Samples :meth:`TarFlow.sample` inverts at a time unless told otherwise; a caller that
 #: draws latents itself follows these chunks to consume the generator as ``sample`` does.
 SAMPLE_BATCH_SIZE = 4096
-#: Spline blocks act on ``[-SPLINE_BOUND, SPLINE_BOUND]`` of the affine-transformed token and
-#: are the identity outside; features are standardised, so this holds all but rare tails.
-SPLINE_BOUND = 5.0
-
-
-class KVCache:
-    """Keys and values of one transformer layer for the positions filled so far: written in place
-    into ``length`` positions, or, when they need gradients (reverse-KL refinement backpropagates
-    through sampling), grown by concatenation, as in-place writes would break the backward pass."""
-
-    def __init__(self, length: int):
-        self.length, self.filled = length, 0
-        self.keys = self.values = None  # tensors [B, H, positions, D] once the first token is in
-
-    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' keys and values ``[B, H, T, D]``; return all of them."""
-        start, self.filled = self.filled, self.filled + keys.shape[2]
-        if keys.requires_grad:
-            pairs = ((self.keys, keys), (self.values, values))
-            self.keys, self.values = (new if old is None else torch.cat([old, new], dim=2) for old, new in pairs)
-            return self.keys, self.values
-        if self.keys is None:
-            self.keys, self.values = (t.new_empty(*t.shape[:2], self.length, t.shape[3]) for t in (keys, values))
-        self.keys[:, :, start : self.filled], self.values[:, :, start : self.filled] = keys, values
-        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention that can also extend a :class:`KVCache` one step."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Attend over ``h`` ``[B, T, W]``; with ``cache``, ``h`` holds the positions after the cached ones."""
-        batch, length, width = h.shape
-        q, k, v = self.qkv(h).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            keys, values = cache.extend(k, v)
-            # One new query sees every cached position, so no mask is needed.
-            y = F.scaled_dot_product_attention(q, keys, values)
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
-
-
-class TransformerLayer(nn.Module):
-    """Pre-LayerNorm transformer layer: causal attention, then an MLP."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attention = CausalSelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self.attention(self.norm1(h), cache)
-        return h + self.mlp(self.norm2(h))
-
-
-class AutoregressiveBlock(nn.Module):
-    """One TarFlow block over ``tokens`` tokens of ``channels`` channels.
-
-    Parameters
-    ----------
-    tokens, channels
-        Sequence length and channels per token.
-    width, layers, heads, mlp_ratio
-        Size of the causal transformer.
-    reverse
-        Process tokens in reversed order (alternate blocks do, so each token is conditioned
-        on all others somewhere in the stack).
-    spline_bins
-        0 for an affine block; otherwise the bins of the rational-quadratic spline that
-        follows the affine map of each channel.
-    """
-
-    def __init__(
-        self, tokens: int, channels: int, width: int, layers: int, heads: int, mlp_ratio: int, reverse: bool, spline_bins: int = 0
-    ):
-        super().__init__()
-        self.reverse = reverse
-        self.heads = heads
-        self.channels = channels
-        self.spline_bins = int(spline_bins)
-        self.proj_in = nn.Linear(channels, width)
-        # The last token conditions nothing, so the transformer only ever sees tokens-1 positions.
-        self.position = nn.Parameter(torch.randn(tokens - 1, width) * 0.02)
-        self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        spline_parameters = parameters_per_channel(self.spline_bins) if self.spline_bins else 0
-        self.proj_out = nn.Linear(width, (2 + spline_parameters) * channels)
-        # Zero-initialised output: every block starts as the identity (a zero spline is one
-        # too), so training starts from the prior fitted to normalised data and the first
-        # updates are well behaved.
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def _token_maps(self, x: torch.Tensor, caches: list[KVCache] | None = None, position: int = 0):
-        """Transformer outputs for inputs at ``position..``: shift, log-scale and spline parameters
-        (``None`` for an affine block) of the next tokens."""
-        h = self.proj_in(x) + self.position[position : position + x.shape[1]]
-        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
-            h = layer(h, cache)
-        out = self.proj_out(self.norm(h))
-        if not self.spline_bins:
-            log_scale, shift = out.chunk(2, dim=-1)
-            return shift, log_scale, None
-        out = out.view(*out.shape[:-1], self.channels, -1)
-        return out[..., 1], out[..., 0], out[..., 2:]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, T, C]`` -> ``(z, log|det dz/dx|)``."""
-        if self.reverse:
-            x = x.flip(1)
-        shift, log_scale, spline = self._token_maps(x[:, :-1])
-        moved = (x[:, 1:] - shift) * torch.exp(-log_scale)
-        log_det = -log_scale.sum(dim=(1, 2))
-        if spline is not None:
-            moved, spline_log_det = rational_quadratic(moved, spline, SPLINE_BOUND)
-            log_det = log_det + spline_log_det.sum(dim=(1, 2))
-        z = torch.cat([x[:, :1], moved], dim=1)
-        if self.reverse:
-            z = z.flip(1)
-        return z, log_det
-
-    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z`` ``[B, T, C]`` -> ``(x, log|det dx/dz|)``, one token at a time with a KV cache."""
-        if self.reverse:
-            z = z.flip(1)
-        batch, tokens, _ = z.shape
-        caches = [KVCache(tokens - 1) for _ in self.layers]
-        x = [z[:, :1]]
-        log_det = z.new_zeros(batch)
-        for i in range(1, tokens):
-            shift, log_scale, spline = self._token_maps(x[-1], caches, position=i - 1)
-            token = z[:, i : i + 1]
-            if spline is not None:
-                token, spline_log_det = rational_quadratic(token, spline, SPLINE_BOUND, inverse=True)
-                log_det = log_det + spline_log_det.sum(dim=(1, 2))
-            x.append(token * torch.exp(log_scale) + shift)
-            log_det = log_det + log_scale.sum(dim=(1, 2))
-        x = torch.cat(x, dim=1)
-        if self.reverse:
-            x = x.flip(1)
-        return x, log_det
 
 
 class TarFlow(nn.Module):
@@ -255,11 +101,12 @@ class TarFlow(nn.Module):
         if cfg.representation == "internal" and zmatrix is None and topology is not None:
             zmatrix = ZMatrix.from_topology(topology)
         self.representation = make_representation(cfg.representation, self.n_atoms, self.std, zmatrix, cfg.marginals)
-        self._token_shape = self.representation.token_shape(cfg.tokens)
-        tokens, channels = self._token_shape
+        self.token_shape = self.representation.token_shape(cfg.tokens)
+        tokens, channels = self.token_shape
         self.blocks = nn.ModuleList(
             AutoregressiveBlock(
-                tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio, reverse=i % 2 == 1, spline_bins=cfg.spline_bins
+                tokens, channels, cfg.width, cfg.layers_per_block, cfg.heads, cfg.mlp_ratio,
+                reverse=i % 2 == 1, transforms=token_transforms(cfg.spline_bins),
             )
             for i in range(cfg.n_blocks)
         )
@@ -273,7 +120,7 @@ class TarFlow(nn.Module):
     @property
     def dim(self) -> int:
         """Number of features the transformer blocks model: ``3N``, or ``3N - 6`` for internal coordinates."""
-        return self._token_shape[0] * self._token_shape[1]
+        return self.token_shape[0] * self.token_shape[1]
 
     @property
     def latent_dim(self) -> int:
@@ -292,28 +139,28 @@ class TarFlow(nn.Module):
         param = self._param()
         return x.to(dtype=param.dtype, device=param.device)
 
+    # ------------------------------------------------------------ the chain
+    def latent_transform(self) -> Reshaped:
+        """Features <-> latent: the blocks in order, on the features as ``token_shape`` tokens."""
+        return Reshaped(Composition(self.blocks), self.token_shape)
+
+    def transform(self, rigid: torch.Tensor | None = None) -> Composition:
+        """Positions (nm) <-> latent: ``[representation, blocks]``; ``rigid`` places the inverse's samples
+        (see :meth:`inverse`)."""
+        return Composition([Conditioned(self.representation, rigid), self.latent_transform()])
+
     def normalised_forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``y`` ``[B, ...]`` (see :mod:`~openmm_sbg.flow.representations`) -> ``(z, log|det dz/dy|)``."""
-        h = y.reshape(y.shape[0], *self._token_shape)
-        log_det = h.new_zeros(h.shape[0])
-        for block in self.blocks:
-            h, block_log_det = block(h)
-            log_det = log_det + block_log_det
-        return h.reshape(y.shape), log_det
+        return self.latent_transform().forward(y)
 
     def normalised_inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prior sample ``z`` ``[B, ...]`` -> ``(features y, log|det dy/dz|)``."""
-        h = z.reshape(z.shape[0], *self._token_shape)
-        log_det = h.new_zeros(h.shape[0])
-        for block in reversed(self.blocks):
-            h, block_log_det = block.inverse(h)
-            log_det = log_det + block_log_det
-        return h.reshape(z.shape), log_det
+        return self.latent_transform().inverse(z)
 
     def nll_per_dim(self, y: torch.Tensor) -> torch.Tensor:
         """Training loss: ``-log q(y) / dim`` ``[B]`` for features ``y`` (normalised units)."""
         z, log_det = self.normalised_forward(y)
-        return -(_standard_normal_log_prob(z) + log_det) / self.dim
+        return -(standard_normal_log_prob(z) + log_det) / self.dim
 
     # -------------------------------------------------------------- nm space
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,9 +170,7 @@ class TarFlow(nn.Module):
         for internal coordinates ``z`` is ``[B, N - 2, 3]`` and ``log_det`` also holds the
         analytic rigid-body density and the Z-matrix volume element.
         """
-        features, representation_log_det = self.representation.features(self._check(x))
-        z, log_det = self.normalised_forward(features)
-        return z, log_det + representation_log_det
+        return self.transform().forward(self._check(x))
 
     def inverse(self, z: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent ``z`` (shaped as :meth:`forward` returns it) -> ``(x in nm, log_det)``, ``log q(x) = log N(z) - log_det``.
@@ -334,9 +179,7 @@ class TarFlow(nn.Module):
         in space (orientation and centre); a Cartesian flow takes none.
         """
         param = self._param()
-        features, log_det = self.normalised_inverse(z.to(dtype=param.dtype, device=param.device))
-        x, representation_log_det = self.representation.positions(features, rigid)
-        return x, log_det - representation_log_det
+        return self.transform(rigid).inverse(z.to(dtype=param.dtype, device=param.device))
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log q(x)`` ``[B]`` of positions ``[B, N, 3]`` in nm (density per nm^3N).
@@ -346,7 +189,7 @@ class TarFlow(nn.Module):
         factor with :func:`openmm_sbg.smc.proposal.com_log_density`.
         """
         z, log_det = self.forward(x)
-        return _standard_normal_log_prob(z) + log_det
+        return standard_normal_log_prob(z) + log_det
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """Proposal energy ``-log q(x)`` ``[B]`` in the dtype of ``x``; differentiable in ``x``."""
@@ -366,7 +209,7 @@ class TarFlow(nn.Module):
         z = latents[:, : self.dim].reshape(len(latents), *self.representation.feature_shape)
         rigid = latents[:, self.dim :] if self.representation.n_rigid else None
         x, log_det = self.inverse(z, rigid)
-        return x, _standard_normal_log_prob(z) - log_det
+        return x, standard_normal_log_prob(z) - log_det
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = SAMPLE_BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,16 +257,7 @@ class TarFlow(nn.Module):
     # ------------------------------------------------------------ checkpoints
     def checkpoint_payload(self, state_dict: dict | None = None) -> dict:
         """The checkpoint dict of this flow (``state_dict`` overrides its own weights)."""
-        weights = self.state_dict() if state_dict is None else state_dict
-        return {
-            "config": self.config.to_dict(),
-            "n_atoms": self.n_atoms,
-            "std": self.std,
-            "com_std": self.com_std,
-            "state_dict": {key: value.detach().cpu().clone() for key, value in weights.items()},
-            "target": self.target_identity,
-            "metadata": dict(self.metadata),
-        }
+        return checkpoint.flow_payload(self, state_dict)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this flow's checkpoint to ``path`` atomically."""
@@ -432,25 +266,7 @@ class TarFlow(nn.Module):
     @classmethod
     def from_payload(cls, payload: dict, source: str = "<payload>", target=None) -> TarFlow:
         """Build a flow from a validated checkpoint dict (see :meth:`load`)."""
-        identity = payload["target"]
-        if target is not None:
-            if identity is None:
-                raise ValueError(f"flow checkpoint {source} stores no target, so it cannot be checked against one")
-            checkpoint.check_target(identity, target, source)
-        weights = payload["state_dict"]
-        zmatrix = None
-        if "representation.root" in weights:
-            zmatrix = ZMatrix(tuple(weights["representation.root"].tolist()), weights["representation.placed"].numpy())
-        flow = cls(payload["config"], payload["n_atoms"], std=payload["std"], zmatrix=zmatrix)
-        flow.target_identity = identity
-        flow.metadata = dict(payload["metadata"])
-        try:
-            # assign: every tensor keeps the dtype it was saved in (a float32 flow's float64-by-default
-            # marginal buffers stay float32), so a loaded flow computes exactly what the saved one did.
-            flow.load_state_dict(weights, assign=True)
-        except RuntimeError as err:
-            raise ValueError(f"flow checkpoint {source} does not match its own configuration: {err}") from None
-        return flow.eval()
+        return checkpoint.flow_from_payload(cls, payload, source, target)
 
     @classmethod
     def load(cls, path: str | os.PathLike, target=None, map_location: str | torch.device = "cpu") -> TarFlow:
@@ -477,7 +293,7 @@ class TarFlow(nn.Module):
         return f"n_atoms={self.n_atoms}, std={self.std:.4g} nm, config={self.config}"
 
 
-def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """``log N(z; 0, I)`` summed over all but the batch dimension."""
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """``log N(z; 0, I)`` summed over all but the batch dimension: the log density of the flow's base."""
     flat = z.reshape(z.shape[0], -1)
     return -0.5 * (flat**2).sum(dim=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from openmm_sbg import populations
-from openmm_sbg.flow.fitting import AllProcesses, Fit, OneProcess, Processes, features, fingerprint, stream_generator
+from openmm_sbg.flow import features
+from openmm_sbg.flow.fitting import AllProcesses, Fit, OneProcess, Processes, feature_tensor, fingerprint, stream_generator
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.smc.proposal import com_energy, com_log_density
 from openmm_sbg.smc.weights import jarzynski_increment, largest_exponent_keeping_ess, normalised_ess
@@ -276,7 +277,7 @@ class _Run(Fit):
         self.ema.eval()
         self.data = None
         if data_positions is not None:
-            self.data = features(np.asarray(data_positions, dtype=np.float64), self.model)
+            self.data = feature_tensor(np.asarray(data_positions, dtype=np.float64), self.model)
         # (positions, tempered log-weights, tempering exponent) of each refresh, oldest first.
         self.buffer: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
@@ -302,8 +303,8 @@ class _Run(Fit):
             probs = torch.cat([torch.softmax(log_w, 0) for _, log_w, _ in self.buffer]) / len(self.buffer)
             pick = torch.multinomial(probs, o.batch_size, replacement=True, generator=stream_generator(o.seed, _BUFFER_BATCH, self.step))
             x = torch.cat([x for x, _, _ in self.buffer])[pick]
-            y = self.model.representation.training_features(x.double()).float()
-            y = self.model.representation.augment(y, stream_generator(o.seed, _BUFFER_AUGMENT, self.step))
+            y = features.training_features(self.model.representation, x.double()).float()
+            y = features.augment_features(self.model.representation, y, stream_generator(o.seed, _BUFFER_AUGMENT, self.step))
             return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
         latents = self.model.draw_latents(o.batch_size, stream_generator(o.seed, _REFRESH, self.step))[rows]
         x, log_q = self.model.from_latents(latents)
@@ -319,7 +320,7 @@ class _Run(Fit):
     def data_loss(self) -> torch.Tensor:
         o, rows = self.options, self.processes.rows(self.options.batch_size)
         pick = torch.randint(0, len(self.data), (o.batch_size,), generator=stream_generator(o.seed, _DATA_BATCH, self.step))
-        y = self.model.representation.augment(self.data[pick], stream_generator(o.seed, _DATA_AUGMENT, self.step))
+        y = features.augment_features(self.model.representation, self.data[pick], stream_generator(o.seed, _DATA_AUGMENT, self.step))
         return self.model.nll_per_dim(y[rows]).sum() / o.batch_size
 
     # ------------------------------------------------------------------ guard

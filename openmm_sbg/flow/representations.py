@@ -19,23 +19,49 @@ The six rigid-body degrees of freedom are not learned: the centre ``c`` is
 on SO(3), so ``log_det`` holds ``log N(c) - log(8 pi^2)``, the Jacobians of the maps and minus
 the Z-matrix volume element.
 Sampling draws 7 extra normal numbers per configuration for them (a quaternion and the CoM).
+
+Both follow :class:`Representation`: the bijection and its log-determinant only. What is
+fitted to training data, and how training frames are prepared and augmented, lives in
+:mod:`openmm_sbg.flow.features`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from openmm_sbg.flow.marginals import GaussianMixtureMarginals
-from openmm_sbg.flow.symmetry import augment, random_rotations_from_normal, remove_com
+from openmm_sbg.flow.presets import REPRESENTATIONS
+from openmm_sbg.flow.symmetry import random_rotations_from_normal
 from openmm_sbg.flow.zmatrix import LOG_SO3_VOLUME, ZMatrix
 
-REPRESENTATIONS = ("cartesian", "internal")
 BOND, ANGLE, DIHEDRAL = 0, 1, 2
-# Bins of the histogram that places each dihedral's cut at its emptiest angle.
-_CUT_BINS = 72
+
+
+class Representation(Protocol):
+    """Positions ``x [B, N, 3]`` (nm) <-> features ``h [B, *feature_shape]``, exactly.
+
+    ``forward`` gives ``log_det`` with ``log q(x) = log p(h) + log_det`` for any density ``p`` of
+    the features; ``inverse`` gives minus that ``log_det``, so a chain of bijections sums it
+    like any other log-determinant. A representation that does not model the rigid-body motion
+    (``n_rigid > 0``) holds its density in ``log_det`` and places each sample with ``rigid``
+    ``[B, n_rigid]`` standard normal numbers.
+    """
+
+    kind: str  # the FlowConfig.representation that builds it
+    n_atoms: int
+    n_rigid: int
+    feature_shape: tuple[int, int]
+
+    def token_shape(self, layout: str) -> tuple[int, int]:
+        """``(tokens, channels)`` of the features in FlowConfig.tokens ``layout``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def inverse(self, h: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class CartesianCoordinates(nn.Module):
@@ -52,26 +78,16 @@ class CartesianCoordinates(nn.Module):
     def token_shape(self, layout: str) -> tuple[int, int]:
         return (self.n_atoms, 3) if layout == "atom" else (3 * self.n_atoms, 1)
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions ``[B, N, 3]`` -> ``(h [B, N, 3], log_det [B])``, both in the dtype of ``x``."""
         return x / self.std, self._log_det(x)
 
-    def positions(self, h: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`features`: ``(x, log_det)`` with the same ``log_det``."""
-        return h * self.std, self._log_det(h)
+    def inverse(self, h: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`forward`: ``(x, -log_det)``; ``rigid`` is unused (nothing to place)."""
+        return h * self.std, -self._log_det(h)
 
     def _log_det(self, like: torch.Tensor) -> torch.Tensor:
         return like.new_full((like.shape[0],), -3 * self.n_atoms * math.log(self.std))
-
-    def fit(self, positions: torch.Tensor) -> None:
-        """Nothing to fit: ``std`` is given at construction (the flow's own, from the data)."""
-
-    def training_features(self, positions: torch.Tensor) -> torch.Tensor:
-        """Centred, scaled frames; :meth:`augment` rotates them and adds CoM noise per step."""
-        return remove_com(positions) / self.std
-
-    def augment(self, h: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return augment(h, generator)
 
 
 class InternalCoordinates(nn.Module):
@@ -99,7 +115,8 @@ class InternalCoordinates(nn.Module):
         # The Z-matrix travels in the state dict, so a checkpoint is complete without the topology.
         self.register_buffer("root", torch.as_tensor(zmatrix.root, dtype=torch.long))
         self.register_buffer("placed", torch.as_tensor(zmatrix.placed, dtype=torch.long))
-        # Data-derived normalisation, set by fit(): cut (dihedrals only), mean and std of the mapped values.
+        # Data-derived normalisation, set by openmm_sbg.flow.features.fit_representation: cut
+        # (dihedrals only), mean and std of the mapped values.
         self.register_buffer("cut", torch.zeros(self.feature_shape, dtype=torch.float64))
         self.register_buffer("loc", torch.zeros(self.feature_shape, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(self.feature_shape, dtype=torch.float64))
@@ -112,27 +129,8 @@ class InternalCoordinates(nn.Module):
     def token_shape(self, layout: str) -> tuple[int, int]:
         return (self.n_atoms - 2, 3) if layout == "atom" else (3 * (self.n_atoms - 2), 1)
 
-    # ------------------------------------------------------------------- fitting
-    @torch.no_grad()
-    def fit(self, positions: torch.Tensor) -> None:
-        """Set the dihedral cuts and the normalisation from training frames ``[T, N, 3]`` (nm)."""
-        q, _ = self.zmatrix.to_internal(positions.to(torch.float64))
-        dihedrals = q[..., self.kinds == DIHEDRAL]
-        counts = torch.stack([torch.histc(column, _CUT_BINS, -math.pi, math.pi) for column in dihedrals.T])
-        # Smooth over neighbouring bins (circularly) so that one empty bin in a busy region does not win.
-        smoothed = counts + counts.roll(1, dims=1) + counts.roll(-1, dims=1)
-        centres = -math.pi + (torch.arange(_CUT_BINS, dtype=torch.float64) + 0.5) * (2 * math.pi / _CUT_BINS)
-        cut = torch.zeros(self.feature_shape, dtype=torch.float64)
-        cut[self.kinds == DIHEDRAL] = centres[smoothed.argmin(dim=1)]
-        self.cut.copy_(cut)
-        t, _ = self._to_unbounded(q)
-        self.loc.copy_(t.mean(dim=0))
-        self.scale.copy_(t.std(dim=0).clamp_min(1e-6))
-        if self.gaussianize is not None:
-            self.gaussianize.fit((t - self.loc) / self.scale)
-
     # ------------------------------------------------------------------- elementwise maps
-    def _to_unbounded(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_unbounded(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bonds, angles, dihedrals -> real numbers, and ``sum log |dt/dq|``."""
         kinds = self.kinds.to(q.device)
         period = torch.where(kinds == ANGLE, math.pi, 2 * math.pi).to(q)
@@ -146,8 +144,8 @@ class InternalCoordinates(nn.Module):
         log_jacobian = torch.where(is_bond, -bond_log, -period.log() - log_unit - log_rest)
         return t, log_jacobian.flatten(1).sum(1)
 
-    def _from_unbounded(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`_to_unbounded`, with the same ``sum log |dt/dq|``."""
+    def from_unbounded(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`to_unbounded`, with the same ``sum log |dt/dq|``."""
         kinds = self.kinds.to(t.device)
         period = torch.where(kinds == ANGLE, math.pi, 2 * math.pi).to(t)
         is_bond = kinds == BOND
@@ -161,18 +159,18 @@ class InternalCoordinates(nn.Module):
         return log_map - self.scale.log().sum() - self.zmatrix.log_volume(q) + log_com - LOG_SO3_VOLUME
 
     # ------------------------------------------------------------------- the bijection
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions ``[B, N, 3]`` -> ``(h [B, N - 2, 3], log_det [B])``, computed in float64."""
         q, centre = self.zmatrix.to_internal(x.to(torch.float64))
-        t, log_map = self._to_unbounded(q)
+        t, log_map = self.to_unbounded(q)
         h = (t - self.loc) / self.scale
         if self.gaussianize is not None:
             h, log_gaussianize = self.gaussianize(h)
             log_map = log_map + log_gaussianize
         return h.to(x.dtype), self._log_det(q, centre, log_map).to(x.dtype)
 
-    def positions(self, h: torch.Tensor, rigid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features ``[B, N - 2, 3]`` and rigid-body noise ``[B, 7]`` -> ``(x, log_det)`` as :meth:`features`."""
+    def inverse(self, h: torch.Tensor, rigid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``[B, N - 2, 3]`` and rigid-body noise ``[B, 7]`` -> ``(x, -log_det)``, ``log_det`` as :meth:`forward`."""
         if rigid is None or rigid.shape != (h.shape[0], self.n_rigid):
             raise ValueError(
                 f"an internal-coordinate flow places each sample with {self.n_rigid} normal numbers "
@@ -182,25 +180,18 @@ class InternalCoordinates(nn.Module):
         log_gaussianize = 0.0
         if self.gaussianize is not None:
             u, log_gaussianize = self.gaussianize.inverse(u)
-        q, log_map = self._from_unbounded(u * self.scale + self.loc)
+        q, log_map = self.from_unbounded(u * self.scale + self.loc)
         log_map = log_map + log_gaussianize
         rigid = rigid.to(torch.float64)
         rotation = random_rotations_from_normal(rigid[:, :4])
         centre = rigid[:, 4:] * self.com_std
         x = self.zmatrix.to_cartesian(q, centre, rotation)
-        return x.to(h.dtype), self._log_det(q, centre, log_map).to(h.dtype)
-
-    def training_features(self, positions: torch.Tensor) -> torch.Tensor:
-        """Features of training frames; they need no augmentation (rigid motions are not modelled)."""
-        return self.features(positions.to(torch.float64))[0]
-
-    def augment(self, h: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return h
+        return x.to(h.dtype), -self._log_det(q, centre, log_map).to(h.dtype)
 
 
 def make_representation(
     kind: str, n_atoms: int, std: float, zmatrix: ZMatrix | None = None, marginals: int = 0
-) -> nn.Module:
+) -> Representation:
     """The representation ``kind`` of a flow over ``n_atoms`` atoms (``internal`` needs the ``zmatrix``;
     ``marginals`` Gaussian-mixture components per feature, internal only; FlowConfig checks that)."""
     if kind == "cartesian":

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from openmm_sbg.flow.fitting import Fit, OneProcess, Processes, features, fingerprint, stream_generator, stream_seed
+from openmm_sbg.flow import features
+from openmm_sbg.flow.fitting import Fit, OneProcess, Processes, feature_tensor, fingerprint, stream_generator, stream_seed
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.symmetry import centred_std
@@ -183,7 +184,7 @@ def train(
         # Seed the initial weights without touching the caller's global RNG.
         torch.manual_seed(stream_seed(options.seed, _INIT, 0))
         flow = TarFlow(config, n_atoms, target=target, std=centred_std(train_positions))
-    flow.representation.fit(torch.as_tensor(train_positions))
+    features.fit_representation(flow.representation, torch.as_tensor(train_positions))
     run = TrainingRun(flow.to(device), train_positions, val_positions, options, parallel or OneProcess(),
                       checkpoint_path, metadata)
     if checkpoint_path is not None and os.path.exists(checkpoint_path) and not overwrite:
@@ -209,8 +210,8 @@ class TrainingRun(Fit):
         settings = {"config": flow.config.to_dict(), "options": options.to_dict(), "data_sha1": self.data_sha1,
                     "n_atoms": flow.n_atoms}
         # The representation's features, computed once in float64 for accuracy.
-        self.y_train = features(train_positions, flow)
-        self.y_val = features(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
+        self.y_train = feature_tensor(train_positions, flow)
+        self.y_val = feature_tensor(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
         self.batch_size = min(options.batch_size, len(self.y_train))
         self.steps_per_epoch = max(1, len(self.y_train) // self.batch_size)
         super().__init__(flow, options, processes, checkpoint_path, settings, betas=options.betas,
@@ -223,7 +224,7 @@ class TrainingRun(Fit):
         order = torch.randperm(len(y_train), generator=stream_generator(options.seed, _BATCH_ORDER, epoch))
         batch = y_train[order[index * self.batch_size : (index + 1) * self.batch_size].to(y_train.device)]
         # Augment the whole batch first so each process sees the rows a single process would.
-        y = self.model.representation.augment(batch, stream_generator(options.seed, _AUGMENT, self.step, device=y_train.device))
+        y = features.augment_features(self.model.representation, batch, stream_generator(options.seed, _AUGMENT, self.step, device=y_train.device))
         return self.model.nll_per_dim(y[self.processes.rows(len(y))]).sum() / len(y)
 
     def learning_rate(self) -> float:
@@ -287,7 +288,7 @@ def _validate(flow: TarFlow, y_val: torch.Tensor, seed: int, batch_size: int = 1
     generator = stream_generator(seed, _VALIDATION, 0, device=y_val.device)
     total = 0.0
     for start in range(0, len(y_val), batch_size):
-        total += flow.nll_per_dim(flow.representation.augment(y_val[start : start + batch_size], generator)).sum().item()
+        total += flow.nll_per_dim(features.augment_features(flow.representation, y_val[start : start + batch_size], generator)).sum().item()
     return total / len(y_val)
 
 
