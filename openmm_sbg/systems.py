@@ -24,7 +24,7 @@ from importlib import resources
 
 from openmm import app, unit
 
-from openmm_sbg.target import BoltzmannTarget, _notice, as_temperature
+from openmm_sbg.target import BoltzmannTarget, as_temperature, notice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,7 @@ def add_hydrogens(topology: app.Topology, positions, forcefield: app.ForceField,
             "(e.g. with PDBFixer) and try again"
         ) from None
     added = modeller.topology.getNumAtoms() - topology.getNumAtoms()
-    _notice(
+    notice(
         f"{label} has no hydrogens: added {added} with OpenMM's Modeller (pH 7, the same force field); "
         "they are placed, not minimised"
     )

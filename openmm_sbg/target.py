@@ -129,7 +129,7 @@ class BoltzmannTarget:
                 return TorchForceField(self.system)
             except UnsupportedForceError as err:
                 fallback = OpenMMBackend(self.system, platform)
-                _notice(f"{err}; using {fallback.name} (one configuration at a time, slower)")
+                notice(f"{err}; using {fallback.name} (one configuration at a time, slower)")
                 return fallback
         if backend == "openmm":
             return OpenMMBackend(self.system, platform)
@@ -241,6 +241,6 @@ def _validated_copy(system: openmm.System) -> openmm.System:
     return system
 
 
-def _notice(message: str) -> None:
+def notice(message: str) -> None:
     """One-line notice to the user (stderr), e.g. which backend a target uses."""
     print(f"openmm-sbg: {message}", file=sys.stderr)

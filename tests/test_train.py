@@ -36,8 +36,8 @@ def test_short_training_lowers_validation_nll(ad2):
 @pytest.mark.parametrize("select_best", [True, False])
 def test_result_holds_the_best_or_the_last_validated_weights(ad2, select_best):
     """Eight training frames overfit at once, so validation gets worse: only select_best keeps the earlier weights."""
-    from openmm_sbg.flow.fitting import feature_tensor as _features
-    from openmm_sbg.flow.training import _validate
+    from openmm_sbg.flow.fitting import feature_tensor
+    from openmm_sbg.flow.training import validation_nll
 
     frames = thermal_frames(ad2, 108)
     options = TrainOptions(steps=12, batch_size=8, lr=1e-2, warmup=0.0, ema_decay=0.5, seed=0, select_best=select_best)
@@ -50,7 +50,7 @@ def test_result_holds_the_best_or_the_last_validated_weights(ad2, select_best):
     assert flow.metadata["selected_step"] == chosen["step"]
     assert flow.metadata["val_nll_per_dim"] == chosen["val_nll_per_dim"]
     # The weights returned are the ones that scored that validation NLL.
-    assert _validate(flow, _features(frames[8:], flow), options.seed) == pytest.approx(chosen["val_nll_per_dim"], abs=1e-6)
+    assert validation_nll(flow, feature_tensor(frames[8:], flow), options.seed) == pytest.approx(chosen["val_nll_per_dim"], abs=1e-6)
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ad2):
