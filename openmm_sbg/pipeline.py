@@ -76,8 +76,11 @@ class PipelineConfig:
     """Replica exchange: a state with at most this fraction of the target-temperature frames is seeded."""
     preset: str = "ad2-small"
     """Flow architecture (:func:`openmm_sbg.flow.preset_names`)."""
-    training: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=3000, batch_size=256, lr=1e-3))
-    """:class:`~openmm_sbg.flow.TrainOptions` of the maximum-likelihood fit (its seed is ``seed``)."""
+    training: TrainOptions = dataclasses.field(
+        default_factory=lambda: TrainOptions(steps=3000, batch_size=256, lr=1e-3, patience=3))
+    """:class:`~openmm_sbg.flow.TrainOptions` of the maximum-likelihood fit (its seed is ``seed``); by default it stops
+    when three epochs in a row have not lowered the validation NLL. The loss is compiled where ``torch.compile`` can
+    build kernels (the same fit, faster)."""
     n_particles: int = 2000
     """Sampler particles (proposals for importance sampling)."""
     n_steps: int = 50
@@ -99,7 +102,7 @@ class PipelineConfig:
         object.__setattr__(self, "sample_temperatures_K", tuple(float(t) for t in self.sample_temperatures_K))
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return json.loads(json.dumps({**dataclasses.asdict(self), "training": self.training.to_dict()}))
 
 
 def run_pipeline(
@@ -290,6 +293,7 @@ def _seeded_md(start, out, md, platform, device, progress):
 
 def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> TrainingRecord:
     from openmm_sbg.data import training_frames
+    from openmm_sbg.dynamics import compile_available
     from openmm_sbg.flow import TarFlow, train
 
     path = os.path.join(folder, "flow.pt")
@@ -299,7 +303,7 @@ def _train(target, folder, files: list[str], config: PipelineConfig, device, pro
         flow = train(
             train_positions, val_positions, target=target, config=config.preset,
             options=dataclasses.replace(config.training, seed=config.seed), checkpoint_path=path, device=device,
-            progress=progress, metadata={"data": files, "preset": config.preset},
+            progress=progress, metadata={"data": files, "preset": config.preset}, compile=compile_available(device),
         )
     record = flow.metadata
     return TrainingRecord(

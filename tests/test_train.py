@@ -53,6 +53,39 @@ def test_result_holds_the_best_or_the_last_validated_weights(ad2, select_best):
     assert validation_nll(flow, feature_tensor(frames[8:], flow), options.seed) == pytest.approx(chosen["val_nll_per_dim"], abs=1e-6)
 
 
+def test_patience_stops_a_fit_whose_validation_stopped_improving(ad2):
+    """Eight frames at a high rate overfit at once: with patience 2 the fit stops two epochs after its best."""
+    frames = thermal_frames(ad2, 108)
+    options = TrainOptions(steps=12, batch_size=8, lr=1e-2, warmup=0.0, ema_decay=0.5, seed=0, patience=2)
+    config = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=1, representation="internal")
+    flow = train(frames[:8], frames[8:], target=ad2, config=config, options=options, progress=False)
+    record, history = flow.metadata, flow.metadata["history"]
+    best = min(history, key=lambda entry: entry["val_nll_per_dim"])
+    assert record["steps"] < 12 and record["stopped"].startswith("the validation NLL has not improved for 2 epochs")
+    assert [entry["step"] for entry in history][-3:] == [best["step"], best["step"] + 1, best["step"] + 2]
+    assert record["selected_step"] == best["step"] and record["complete"]
+    # Without patience the same fit runs every step, through the same first epochs.
+    full = train(frames[:8], frames[8:], target=ad2, config=config, options=TrainOptions(**{**options.to_dict(), "patience": None}),
+                 progress=False)
+    assert full.metadata["steps"] == 12 and full.metadata["stopped"] is None
+    assert [e["val_nll_per_dim"] for e in full.metadata["history"][: len(history)]] == [e["val_nll_per_dim"] for e in history]
+
+
+def test_compiled_loss_trains_the_same_model(ad2):
+    """torch.compile changes how the loss is computed, not what: the same fit to float32 rounding."""
+    from openmm_sbg.dynamics import compile_available
+
+    if not compile_available():
+        pytest.skip("torch.compile needs a C++ compiler here")
+    frames = thermal_frames(ad2, 120)
+    options = TrainOptions(steps=6, batch_size=32, lr=1e-3)
+    eager = train(frames[:100], frames[100:], target=ad2, config=TINY, options=options, progress=False)
+    compiled = train(frames[:100], frames[100:], target=ad2, config=TINY, options=options, progress=False, compile=True)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-5, rtol=1e-4)
+    assert compiled.metadata["val_nll_per_dim"] == pytest.approx(eager.metadata["val_nll_per_dim"], abs=1e-5)
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ad2):
     frames = thermal_frames(ad2, 120)
     options = TrainOptions(steps=10, batch_size=32, lr=1e-3)  # 3 steps per epoch

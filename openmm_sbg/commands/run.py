@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", choices=["mala", "ula"], default=defaults.kernel)
     parser.add_argument("--sample-temperatures", type=float, nargs="*", default=[], metavar="K",
                         help="also sample these temperatures from the same flow")
+    parser.add_argument("--patience", type=int, default=defaults.training.patience,
+                        help="stop training when this many epochs in a row have not lowered the validation NLL; 0 trains "
+                             f"every step (default {defaults.training.patience})")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cpu", help="torch device of the flow")
     parser.add_argument("--threads", type=int, default=None,
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> dict:
     config = PipelineConfig(
         data=args.data, ns=args.ns, frame_interval_ps=args.frame_interval_ps, t_max_K=args.t_max,
         n_replicas=args.n_replicas, seeded_ns=args.seeded_ns, seed_below=args.seed_below, preset=args.preset,
-        training=dataclasses.replace(defaults.training, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr),
+        training=dataclasses.replace(defaults.training, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
+                                     patience=args.patience or None),
         n_particles=args.n_particles, n_steps=args.n_steps, kernel=args.kernel,
         sample_temperatures_K=tuple(args.sample_temperatures), seed=args.seed,
     )

@@ -96,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="proposals scored at each check")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training loss with torch.compile: the same fit in faster steps (a minute to compile)")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="stop when this many epochs in a row have not lowered the validation NLL (default: every step)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -137,6 +141,7 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         val_frames=args.val_frames,
         select_best=not args.keep_last,
+        patience=args.patience,
     )
     flow = train_function(
         train_positions,
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         device=args.device,
         progress=not args.no_progress,
         metadata={"data": [os.fspath(path) for path in args.data], "validation": held_out, "preset": args.preset},
+        compile=args.compile,
     )
     record = flow.metadata
     return {

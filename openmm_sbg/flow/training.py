@@ -63,6 +63,10 @@ class TrainOptions:
         Return (and save at the end) the EMA weights of the epoch with the lowest validation
         NLL, not the last ones: on a CPU budget the flow fits its training frames' noise
         before the schedule ends (early stopping without losing the run's record).
+    patience
+        Stop when this many evaluations (epochs) in a row have not lowered the validation NLL
+        (the best epoch's weights are kept); None trains every step. A fit that has found
+        its best stops paying for the rest of its schedule.
     """
 
     epochs: int = 100
@@ -77,6 +81,7 @@ class TrainOptions:
     seed: int = 0
     val_frames: int = 2048
     select_best: bool = True
+    patience: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -86,11 +91,16 @@ class TrainOptions:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.warmup < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"invalid training options {self}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be a positive number of epochs (or None), got {self.patience}")
 
     def to_dict(self) -> dict:
-        """Plain-dict form (lists, not tuples), as stored in checkpoints."""
+        """Plain-dict form (lists, not tuples), as stored in checkpoints; no ``patience`` when unset, as
+        checkpoints written before it existed hold."""
         values = dataclasses.asdict(self)
         values["betas"] = list(self.betas)
+        if self.patience is None:
+            del values["patience"]
         return values
 
 
@@ -250,6 +260,16 @@ class TrainingRun(Fit):
             "seconds": self.seconds,
         }
 
+    def stop_reason(self, entry: dict) -> str | None:
+        patience = self.options.patience
+        if patience is None or entry["val_nll_per_dim"] < min(past["val_nll_per_dim"] for past in self.history):
+            return None
+        best_step = min(self.history, key=lambda past: past["val_nll_per_dim"])["step"]
+        since_best = sum(past["step"] > best_step for past in self.history) + 1
+        if since_best < patience:
+            return None
+        return f"the validation NLL has not improved for {since_best} epochs"
+
     def score(self, entry: dict) -> float:
         return -entry["val_nll_per_dim"]
 
@@ -264,6 +284,7 @@ class TrainingRun(Fit):
             **_record(options, history, selected, self.seconds, self.step, self.steps_per_epoch, len(self.y_train),
                       len(self.y_val), self.data_sha1),
             "complete": complete,
+            "stopped": self.stopped,
         }
 
     def resume_state(self) -> dict:
