@@ -65,7 +65,9 @@ def main(argv=None) -> None:
     extra = [a for a in extra if a != "--"]
     command = run_command(args.folder, args.temperatures, args.threads, extra)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    # The console script of this interpreter's environment (a virtual environment need not be on PATH).
+    local = os.path.join(os.path.dirname(sys.executable), command[0])
+    subprocess.run([local if os.path.exists(local) else command[0], *command[1:]], check=True)
     process_seconds = time.perf_counter() - started
     with open(os.path.join(args.folder, "summary.json")) as handle:
         summary = json.load(handle)

@@ -227,6 +227,22 @@ def test_batched_md_resumes_to_the_same_file(ad2, tmp_path):
     np.testing.assert_array_equal(data.read_metadata(whole)["energies_kT"], data.read_metadata(resumed)["energies_kT"])
 
 
+def test_batched_runs_integrate_on_one_cpu_thread_unless_told(ad2, tmp_path, monkeypatch):
+    seen = []
+    step = BatchedLangevin.step
+    monkeypatch.setattr(BatchedLangevin, "step", lambda self, n: (seen.append(torch.get_num_threads()), step(self, n))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_batched_md(ad2, str(tmp_path / "one.h5"), CONFIG, 2, progress=False)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        run_batched_md(ad2, str(tmp_path / "two.h5"), CONFIG, 2, options=EngineOptions(threads=2), progress=False)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_complete_batched_run_extends_to_more_frames(ad2, tmp_path):
     longer = dataclasses.replace(CONFIG, n_frames=18)
     direct, extended = str(tmp_path / "direct.h5"), str(tmp_path / "extended.h5")

@@ -23,6 +23,7 @@ first); delete the folder once the run is final.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,6 +62,10 @@ class EngineOptions:
     precision: str = "float32"
     compile: bool = False
     """``torch.compile`` the force field: tens of seconds once, then several times faster on CPU."""
+    threads: int | None = None
+    """Torch CPU threads while integrating; None: one on a CPU, where these batches run 2-3x faster on one
+    thread than on two (16-256 walkers of ad2, compiled, idle 2-core Xeon: benchmarks/RESULTS.md), and
+    torch's setting on a GPU. The caller's setting is restored afterwards."""
 
 
 @dataclasses.dataclass
@@ -158,6 +163,18 @@ def minimised_structure(target: BoltzmannTarget, platform: str = "Reference") ->
     return context.getState(positions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch CPU threads (None: as they are), then restore the caller's number."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Run:
     """One batched run: its settings, work folder, engine and (replica exchange) ladder."""
 
@@ -239,6 +256,11 @@ class _Run:
             engine.set_temperatures(self.exchange.temperatures_K)
 
     def run(self, start, all_replicas: bool, show_progress: bool, stop_after_frames) -> BatchedRunResult:
+        threads = self.options.threads if self.options.threads is not None else 1 if self.device.type == "cpu" else None
+        with torch_threads(threads):
+            return self._run(start, all_replicas, show_progress, stop_after_frames)
+
+    def _run(self, start, all_replicas: bool, show_progress: bool, stop_after_frames) -> BatchedRunResult:
         config, target = self.config, self.target
         engine, progress = self._start(start)
         frame_bytes = self.n_walkers * target.n_atoms * 12
