@@ -47,10 +47,10 @@ def answer(summary: dict, kelvin: float) -> tuple[float, float]:
 
 
 def umbrella_reference() -> dict:
-    """The umbrella-sampling answer at 300 K and its measured time to a 20% answer (median over repeats)."""
+    """The umbrella-sampling answer at 300 K and its measured time to a 20% answer (mean over repeats)."""
     row = load_json("umbrella_sampling-2d-grid.json")["temperatures"][0]
     return {"p_alphaL": row["populations"][RARE], "p_alphaL_error": row["seed_stderr"][RARE],
-            "seconds_to_20_percent": float(np.median(row["seconds_to_20_percent"])),
+            "seconds_to_20_percent": float(np.mean(row["seconds_to_20_percent"])),
             "seconds_to_20_percent_each": row["seconds_to_20_percent"]}
 
 
@@ -112,7 +112,7 @@ def report(results: dict) -> str:
                  f"({100 * results['relative_error']:.0f}%) | {minutes(results['total_seconds'])} |")
     each = ", ".join(minutes(s) for s in results["umbrella_seconds_each_repeat"])
     lines.append(f"| umbrella sampling (MBAR, (phi, psi) grid) | windows | {results['umbrella_p_alphaL']:.4f} ± "
-                 f"{results['umbrella_p_alphaL_error']:.4f} | {minutes(results['umbrella_seconds'])} (median; repeats {each}) |")
+                 f"{results['umbrella_p_alphaL_error']:.4f} | {minutes(results['umbrella_seconds'])} (mean; repeats {each}) |")
     lines.append("| plain MD | | no visit in 55 ns | not reached |")
     lines += ["", "| temperature | P(alphaL/C7ax), SBG | extra wall-clock, SBG |", "|---|---|---|"]
     for kelvin, row in results["other_temperatures"].items():

@@ -12,6 +12,7 @@ data        ``data.h5`` (MD, or the lowest replica of        ``data.h5.work/``
 seed        replica exchange: ``seeded-<state>.h5``, MD      ``seeded-<state>.h5.work/``
             from a frame of each rare backbone state
 train       ``flow.pt`` (marked complete)                    ``flow.pt`` (written every epoch)
+refine      with ``refine_minutes``: ``refined.pt``          ``refined.pt`` (written every evaluation)
 sample      ``samples-<T>K.h5`` per temperature              ``samples-<T>K.h5.ckpt``
 evaluate    ``summary.json``, ``plots/``                     (redone: seconds)
 ==========  ==============================================  ======================================
@@ -38,6 +39,7 @@ from openmm_sbg.io import atomic_write_text, read_json
 from openmm_sbg.pipeline_results import (
     DataResult,
     PipelineSummary,
+    RefinementRecord,
     SamplingRecord,
     SeededRun,
     SeedingResult,
@@ -89,6 +91,10 @@ class PipelineConfig:
     """Langevin move of the sampler (:class:`~openmm_sbg.smc.SMCOptions`)."""
     sample_temperatures_K: tuple[float, ...] = ()
     """Temperatures to sample besides the target's, from the same flow."""
+    refine_minutes: float = 0.0
+    """Wall-clock budget of a refinement with the energy after training (tempered alpha-2, the energy
+    alone, the shipped ad2's recipe), which also ends when three evaluations in a row have not raised
+    its ESS; the samplers then use the refined flow. 0 skips it."""
     seed: int = 0
     """Seed of the data, the training and the sampling."""
 
@@ -99,10 +105,17 @@ class PipelineConfig:
             raise ValueError("ns and frame_interval_ps must be positive")
         if self.seeded_ns < 0 or not 0 <= self.seed_below <= 1:
             raise ValueError("seeded_ns must be >= 0 and seed_below a fraction in [0, 1]")
+        if self.refine_minutes < 0:
+            raise ValueError(f"refine_minutes must be >= 0 (0 skips the refinement), got {self.refine_minutes}")
         object.__setattr__(self, "sample_temperatures_K", tuple(float(t) for t in self.sample_temperatures_K))
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps({**dataclasses.asdict(self), "training": self.training.to_dict()}))
+        """JSON form, as ``pipeline.json`` stores it; settings added later are left out at their old behaviour's
+        value, so folders written before them continue."""
+        values = {**dataclasses.asdict(self), "training": self.training.to_dict()}
+        if not self.refine_minutes:
+            del values["refine_minutes"]
+        return json.loads(json.dumps(values))
 
 
 def run_pipeline(
@@ -134,6 +147,10 @@ def run_pipeline(
     stages["train"] = _stage(folder, "train", lambda: _train(target, folder, files, config, device, progress),
                              TrainingRecord.from_dict)
     flow_path = os.path.join(folder, "flow.pt")
+    if config.refine_minutes > 0:
+        stages["refine"] = _stage(folder, "refine", lambda: _refine(target, folder, config, device, progress),
+                                  RefinementRecord.from_dict)
+        flow_path = stages["refine"].result.flow
     samples = {}
     for kelvin in _temperatures(target, config):
         name = f"sample-{kelvin:g}K"
@@ -152,6 +169,7 @@ def run_pipeline(
         data=stages["data"].result,
         seeded=stages["seed"].result if "seed" in stages else None,
         training=stages["train"].result,
+        refinement=stages["refine"].result if "refine" in stages else None,
         temperatures=evaluation,
     )
     atomic_write_text(os.path.join(folder, "summary.json"), json.dumps(summary.to_dict(), indent=2, default=float) + "\n")
@@ -314,6 +332,28 @@ def _train(target, folder, files: list[str], config: PipelineConfig, device, pro
         val_nll_per_dim=record["val_nll_per_dim"],
         train_seconds=record["train_seconds"],
     )
+
+
+def _refine(target, folder, config: PipelineConfig, device, progress) -> RefinementRecord:
+    from openmm_sbg import populations
+    from openmm_sbg.flow import TarFlow
+    from openmm_sbg.flow.refine import RefineOptions, refine
+
+    path = os.path.join(folder, "refined.pt")
+    refined = TarFlow.load(path) if os.path.exists(path) else None
+    if refined is None or not refined.metadata["refinement"]["complete"]:  # a finished one is kept
+        options = RefineOptions(objective="alpha-2", temper_ess=0.2, data_weight=0.0, lr=1e-4, ema_decay=0.999, steps=10**6,
+                                max_seconds=60 * config.refine_minutes, patience=3, seed=config.seed)
+        try:
+            states = populations.backbone_state_labeller(target.topology)
+        except ValueError:
+            states = None  # no backbone states to guard
+        flow = TarFlow.load(os.path.join(folder, "flow.pt"), target=target, map_location=device)
+        refined = refine(flow, target, options, states=states, checkpoint_path=path, progress=progress)
+    record = refined.metadata["refinement"]
+    return RefinementRecord(flow=path, steps=record["steps"], seconds=record["seconds"], ess=record["ess"],
+                            start_ess=record["history"][0]["ess"], selected_step=record["selected_step"],
+                            stopped=record["stopped"])
 
 
 def _sample(target, flow_path, folder, kelvin, config: PipelineConfig, device, progress) -> SamplingRecord:

@@ -96,6 +96,29 @@ class TrainingRecord:
 
 
 @dataclasses.dataclass
+class RefinementRecord:
+    """The refine stage's result: the refined flow's file and what the refinement did."""
+
+    flow: str
+    steps: int
+    seconds: float
+    ess: float
+    """The importance-sampling ESS of the weights kept (the best evaluation's)."""
+    start_ess: float
+    """The trained flow's ESS, before refinement."""
+    selected_step: int
+    stopped: str | None
+    """Why it ended before its budget (the ESS stopped rising, a guard), or None."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RefinementRecord:
+        return cls(**values)
+
+
+@dataclasses.dataclass
 class SamplingRecord:
     """A sample stage's result: :func:`openmm_sbg.sampling.sample`'s JSON summary of the run at one temperature."""
 
@@ -138,6 +161,8 @@ class PipelineSummary:
     seeded: SeedingResult | None
     """``None`` without a seed stage."""
     training: TrainingRecord
+    refinement: RefinementRecord | None
+    """``None`` without a refine stage."""
     temperatures: dict[str, dict]
     """Per temperature (kelvin, as ``f"{K:g}"``): the evaluation's metrics and ``samples_file``."""
 
@@ -151,5 +176,6 @@ class PipelineSummary:
             "data": self.data.to_dict(),
             "seeded": None if self.seeded is None else self.seeded.to_dict(),
             "training": self.training.to_dict(),
+            "refinement": None if self.refinement is None else self.refinement.to_dict(),
             "temperatures": self.temperatures,
         }

@@ -86,3 +86,32 @@ def test_run_command_with_replica_exchange(tmp_path, capsys):
     assert summary["temperatures"]["300"]["states"]["samples_bootstrap_error"] is None  # SMC: errors need seeds
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["ran_now"] == ["evaluate"]
+
+
+def test_refine_stage_refines_the_trained_flow_and_the_samplers_use_it(ad2, tmp_path, monkeypatch):
+    from openmm_sbg.flow import refine as refine_module
+
+    seen = {}
+
+    def fake_refine(flow, target, options, states=None, checkpoint_path=None, progress=True):
+        seen.update(options=options, guarded=states is not None)
+        flow.metadata = {**flow.metadata, "refinement": {
+            "steps": 7, "seconds": 1.5, "ess": 0.4, "history": [{"ess": 0.2}], "selected_step": 5, "complete": True,
+            "stopped": "the ESS has not risen for 3 evaluations"}}
+        flow.save(checkpoint_path)
+        return flow
+
+    monkeypatch.setattr(refine_module, "refine", fake_refine)
+    real_sample, sampled_flows = sampling.sample, []
+    monkeypatch.setattr(sampling, "sample", lambda target, flow, *a, **k: (sampled_flows.append(flow), real_sample(target, flow, *a, **k))[1])
+    config = pipeline.PipelineConfig(**{**TINY, "sample_temperatures_K": ()}, refine_minutes=2.0)
+    summary = pipeline.run_pipeline(ad2, tmp_path, config, platform="Reference", progress=False)
+    options = seen["options"]
+    assert options.max_seconds == 120 and options.patience == 3 and options.objective == "alpha-2" and seen["guarded"]
+    assert summary.refinement.flow == str(tmp_path / "refined.pt") and summary.refinement.start_ess == 0.2
+    assert summary.ran_now == ["data", "train", "refine", "sample-300K", "evaluate"]
+    assert [flow.metadata["refinement"]["steps"] for flow in sampled_flows] == [7]  # the refined flow was sampled
+    assert json.loads((tmp_path / "pipeline.json").read_text())["config"]["refine_minutes"] == 2.0
+    # A folder without the stage keeps its settings file as before the stage existed.
+    plain = pipeline.PipelineConfig(**TINY)
+    assert "refine_minutes" not in plain.to_dict()

@@ -352,3 +352,22 @@ def test_refinement_keeps_the_best_or_the_last_weights(monkeypatch, select_best,
     assert refined.metadata["refinement"]["selected_step"] == selected
     assert all(torch.equal(refined.state_dict()[key], value) for key, value in snapshots[selected].items())
     assert not all(torch.equal(refined.state_dict()[key], value) for key, value in snapshots[0].items())
+
+
+@pytest.mark.parametrize("patience, steps, stopped", [
+    (2, 15, "the ESS has not risen for 2 evaluations"),  # best at step 5; steps 10 and 15 do not beat it
+    (3, 20, None),                                       # step 20 beats it before a third evaluation without a rise
+])
+def test_patience_ends_a_refinement_whose_ess_stopped_rising(monkeypatch, patience, steps, stopped):
+    target, _ = butane_like()
+    estimates = iter([0.4, 0.5, 0.45, 0.48, 0.55])
+
+    def evaluate(run):
+        return {"step": run.step, "seconds": run.seconds, "ess": next(estimates)}
+
+    monkeypatch.setattr(refine_module._Run, "evaluate", evaluate)
+    options = RefineOptions(steps=20, batch_size=16, eval_every=5, proposals_per_refresh=64, data_weight=0.0,
+                            ess_floor=0.0, patience=patience)
+    record = refine(uniform_torsion_flow(target), target, options, progress=False).metadata["refinement"]
+    assert record["steps"] == steps and record["stopped"] == stopped
+    assert record["selected_step"] == (5 if stopped else 20)

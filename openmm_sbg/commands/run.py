@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=defaults.training.steps, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=defaults.training.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.training.lr)
+    parser.add_argument("--refine-minutes", type=float, default=defaults.refine_minutes,
+                        help="budget of a refinement with the energy after training (tempered alpha-2), which also ends "
+                             "when its ESS stops rising; 0 skips it (default)")
     parser.add_argument("--n-particles", type=int, default=defaults.n_particles)
     parser.add_argument("--n-steps", type=int, default=defaults.n_steps, help="SMC annealing steps; 0 = importance sampling")
     parser.add_argument("--kernel", choices=["mala", "ula"], default=defaults.kernel)
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         n_replicas=args.n_replicas, seeded_ns=args.seeded_ns, seed_below=args.seed_below, preset=args.preset,
         training=dataclasses.replace(defaults.training, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                                      patience=args.patience or None),
-        n_particles=args.n_particles, n_steps=args.n_steps, kernel=args.kernel,
+        refine_minutes=args.refine_minutes, n_particles=args.n_particles, n_steps=args.n_steps, kernel=args.kernel,
         sample_temperatures_K=tuple(args.sample_temperatures), seed=args.seed,
     )
     return run_pipeline(target_from_args(args), args.folder, config, platform=args.platform, device=args.device,

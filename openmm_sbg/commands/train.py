@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the training loss with torch.compile: the same fit in faster steps (a minute to compile)")
     parser.add_argument("--patience", type=int, default=None,
-                        help="stop when this many epochs in a row have not lowered the validation NLL (default: every step)")
+                        help="stop when this many epochs in a row have not lowered the validation NLL (--refine: evaluations "
+                             "that have not raised the ESS); default: every step")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -223,6 +224,7 @@ def _refine(args: argparse.Namespace) -> dict:
         eval_every=args.eval_every,
         eval_proposals=args.eval_proposals,
         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+        patience=args.patience,
         seed=args.seed,
         select_best=not args.keep_last,
     )

@@ -109,6 +109,9 @@ class RefineOptions:
     max_seconds: float | None = None
     """Wall-clock budget: stop at the first evaluation past it (a resumed run counts the time already
     spent). Runs stopped by time are not bit-reproducible; step counts are."""
+    patience: int | None = None
+    """Stop when this many evaluations in a row have not raised the ESS above its best so far: the budget
+    ends when the guard's ESS stops rising. None: run to ``steps`` (or ``max_seconds``)."""
     seed: int = 0
     """Seed of every random draw."""
     select_best: bool = True
@@ -130,9 +133,16 @@ class RefineOptions:
         if min(self.steps, self.batch_size, self.proposals_per_refresh, self.refresh_every, self.buffer_refreshes,
                self.eval_every, self.eval_proposals) < 1:
             raise ValueError("steps, batch sizes, refresh and evaluation intervals must be positive")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be a positive number of evaluations (or None), got {self.patience}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain-dict form, as stored in checkpoints; no ``patience`` when unset, as checkpoints written before it
+        existed hold."""
+        values = dataclasses.asdict(self)
+        if self.patience is None:
+            del values["patience"]
+        return values
 
 
 def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator, batch_size: int = 1024, processes=None):
@@ -346,6 +356,10 @@ class _Run(Fit):
         reason = drift_reason(entry, self.history[0]["ess"], o)
         if reason is None and o.max_seconds is not None and self.seconds >= o.max_seconds:
             reason = f"the wall-clock budget of {o.max_seconds:g} s is spent"
+        if reason is None and o.patience is not None and entry["ess"] <= self.best[0]:
+            since_best = sum(past["step"] > self.best[1] for past in self.history) + 1
+            if since_best >= o.patience:
+                reason = f"the ESS has not risen for {since_best} evaluations"
         return reason
 
     def postfix(self) -> dict:
