@@ -76,8 +76,19 @@ class SeedingResult:
         return cls(**{**values, "runs": [SeededRun.from_dict(run) for run in values["runs"]]})
 
 
+class FlatRecord:
+    """A dataclass of plain fields, stored as them in JSON and read back from them."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        return cls(**values)
+
+
 @dataclasses.dataclass
-class TrainingRecord:
+class TrainingRecord(FlatRecord):
     """The train stage's result: the flow's file and the record of its fit."""
 
     flow: str
@@ -87,16 +98,9 @@ class TrainingRecord:
     val_nll_per_dim: float
     train_seconds: float
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainingRecord:
-        return cls(**values)
-
 
 @dataclasses.dataclass
-class RefinementRecord:
+class RefinementRecord(FlatRecord):
     """The refine stage's result: the refined flow's file and what the refinement did."""
 
     flow: str
@@ -109,13 +113,6 @@ class RefinementRecord:
     selected_step: int
     stopped: str | None
     """Why it ended before its budget (the ESS stopped rising, a guard), or None."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RefinementRecord:
-        return cls(**values)
 
 
 @dataclasses.dataclass
