@@ -11,9 +11,10 @@ from openmm_sbg.flow import TarFlow
 from openmm_sbg.flow.checkpoint import read_checkpoint
 from openmm_sbg.shipped import model_names, model_path
 
-# Exactly two: `ad2`, the model to use, and `ad2-cartesian`, the paper's Cartesian
-# representation (for its chi3 protocol and comparison with the paper).
-SHIPPED = {"ad2": "internal", "ad2-cartesian": "cartesian"}
+# `ad2`, the model to use, and `ad2-cartesian`, the paper's Cartesian representation (for its
+# chi3 protocol and comparison with the paper); `al3`, the first model of a larger peptide.
+# Name -> (representation, built-in system, largest file in bytes).
+SHIPPED = {"ad2": ("internal", "ad2", 5e6), "ad2-cartesian": ("cartesian", "ad2", 5e6), "al3": ("internal", "al3", 7e6)}
 
 
 def test_every_shipped_model_is_listed():
@@ -22,11 +23,12 @@ def test_every_shipped_model_is_listed():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_is_complete_and_small(name):
+    representation, _, largest = SHIPPED[name]
     path = model_path(name)
-    assert os.path.getsize(path) < 5e6
+    assert os.path.getsize(path) < largest
     payload = read_checkpoint(path)
     assert "training_state" not in payload and payload["metadata"]["complete"]
-    assert payload["config"].get("representation", "cartesian") == SHIPPED[name]
+    assert payload["config"].get("representation", "cartesian") == representation
     with open(os.path.join(os.path.dirname(path), f"{name}.json"), encoding="utf-8") as handle:
         record = json.load(handle)
     refinement = payload["metadata"].get("refinement")
@@ -40,13 +42,14 @@ def test_shipped_model_is_complete_and_small(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_model_samples_ad2(ad2, name):
-    flow = TarFlow.load(name, target=ad2)  # by name, as `--flow ad2`
-    assert flow.target_identity["name"] == "ad2"
+def test_shipped_model_samples_its_molecule(get_target, name):
+    target = get_target(SHIPPED[name][1])
+    flow = TarFlow.load(name, target=target)  # by name, as `--flow ad2`
+    assert flow.target_identity["name"] == SHIPPED[name][1]
     x, log_q = flow.sample(128, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(log_q, flow.log_prob(x), atol=1e-2, rtol=1e-5)
     # Bonded atoms sit where bonds are: the flow has learned the molecule, not noise.
-    bonds = torch.tensor([[a.index, b.index] for a, b in ad2.topology.bonds()])
+    bonds = torch.tensor([[a.index, b.index] for a, b in target.topology.bonds()])
     lengths = (x[:, bonds[:, 0]] - x[:, bonds[:, 1]]).norm(dim=-1)
     assert 0.09 < lengths.median().item() < 0.16
     assert (lengths < 0.25).float().mean().item() > 0.99
