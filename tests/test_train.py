@@ -71,6 +71,7 @@ def test_patience_stops_a_fit_whose_validation_stopped_improving(ad2):
     assert [e["val_nll_per_dim"] for e in full.metadata["history"][: len(history)]] == [e["val_nll_per_dim"] for e in history]
 
 
+@pytest.mark.slow  # a compilation, as the compiled force field's test
 def test_compiled_loss_trains_the_same_model(ad2):
     """torch.compile changes how the loss is computed, not what: the same fit to float32 rounding."""
     from openmm_sbg.dynamics import compile_available
