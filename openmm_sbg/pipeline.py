@@ -48,7 +48,7 @@ from openmm_sbg.pipeline_results import (
     data_result_from_dict,
 )
 from openmm_sbg.resume import check_resume_settings
-from openmm_sbg.target import BoltzmannTarget
+from openmm_sbg.target import BoltzmannTarget, notice
 
 DATA_SOURCES = ("md", "replica-exchange")
 # Weighted samples estimate populations best. Importance sampling keeps its proposals
@@ -243,22 +243,28 @@ def _make_data(target, folder, config: PipelineConfig, platform, progress, devic
 def _batched_replica_exchange(target, out, exchange, device, progress):
     """Replica exchange on the batched engine, in copies of the ladder that fill a batch (the same frames per
     temperature); ``None`` where that engine cannot run the System (a notice says why) or an openmmtools run is resumed."""
-    import sys
-
     from openmm_sbg import dynamics
 
     if os.path.exists(os.path.join(out + ".work", "replicas.nc")):
         return None
     copies = dynamics.ladder_copies(exchange.md.n_frames, len(exchange.temperatures_K), device)
     per_copy = dataclasses.replace(exchange, md=dataclasses.replace(exchange.md, n_frames=exchange.md.n_frames // copies))
-    options = dynamics.EngineOptions(device=device, compile=dynamics.compile_available(device))
+    return _on_batched_engine(
+        lambda options: dynamics.run_batched_replica_exchange(target, out, per_copy, n_copies=copies, options=options,
+                                                              all_replicas=True, progress=progress),
+        device, "replica exchange runs on OpenMM (openmmtools) instead")
+
+
+def _on_batched_engine(run, device, fallback: str):
+    """``run(options)`` on the batched engine (compiled where kernels can be built); ``None``, with a notice that
+    says ``fallback``, where the engine cannot represent the System."""
+    from openmm_sbg import dynamics
+
     try:
-        run = dynamics.run_batched_replica_exchange(target, out, per_copy, n_copies=copies, options=options,
-                                                    all_replicas=True, progress=progress)
+        return run(dynamics.EngineOptions(device=device, compile=dynamics.compile_available(device)))
     except dynamics.BatchedEngineUnavailable as err:
-        print(f"openmm-sbg: {err}; replica exchange runs on OpenMM (openmmtools) instead", file=sys.stderr)
+        notice(f"{err}; {fallback}")
         return None
-    return run
 
 
 def _seed(target, folder, config: PipelineConfig, platform, progress, device="cpu") -> SeedingResult:
@@ -292,21 +298,17 @@ def _seed(target, folder, config: PipelineConfig, platform, progress, device="cp
 def _seeded_md(start, out, md, platform, device, progress):
     """``md`` from ``start``'s positions, split over a batch of walkers on the batched engine (each with its own
     noise) where it can run the System, else one OpenMM trajectory."""
-    import sys
-
     from openmm_sbg import dynamics
     from openmm_sbg.md import run_md
 
     # A few walkers, each long enough to leave its start: 16 on a CPU.
     walkers = dynamics.ladder_copies(md.n_frames, 4, device)
     per_walker = dataclasses.replace(md, n_frames=md.n_frames // walkers)
-    options = dynamics.EngineOptions(device=device, compile=dynamics.compile_available(device))
-    try:
-        return dynamics.run_batched_md(start, out, per_walker, walkers, start=start.positions[None], options=options,
-                                       progress=progress)
-    except dynamics.BatchedEngineUnavailable as err:
-        print(f"openmm-sbg: {err}; the seeded MD runs on OpenMM instead", file=sys.stderr)
-    return run_md(start, out, md, platform=platform, progress=progress)
+    batched = _on_batched_engine(
+        lambda options: dynamics.run_batched_md(start, out, per_walker, walkers, start=start.positions[None], options=options,
+                                                progress=progress),
+        device, "the seeded MD runs on OpenMM instead")
+    return batched if batched is not None else run_md(start, out, md, platform=platform, progress=progress)
 
 
 def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> TrainingRecord:
