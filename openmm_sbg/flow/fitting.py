@@ -284,6 +284,14 @@ class Fit:
         self.write(complete=True)
         return self.ema.eval()
 
+    def evaluations_without_gain(self, entry: dict) -> int:
+        """Evaluations in a row, ``entry`` (not yet recorded) included, that have not beaten the best; 0 if it does.
+
+        What a patience rule counts (:meth:`stop_reason` of the subclasses)."""
+        if self.score(entry) > self.best[0]:
+            return 0
+        return sum(past["step"] > self.best[1] for past in self.history) + 1
+
     def record(self, entry: dict) -> None:
         """Append an evaluation to the history; keep the EMA weights if it scores best so far."""
         self.history.append(entry)

@@ -356,10 +356,9 @@ class _Run(Fit):
         reason = drift_reason(entry, self.history[0]["ess"], o)
         if reason is None and o.max_seconds is not None and self.seconds >= o.max_seconds:
             reason = f"the wall-clock budget of {o.max_seconds:g} s is spent"
-        if reason is None and o.patience is not None and entry["ess"] <= self.best[0]:
-            since_best = sum(past["step"] > self.best[1] for past in self.history) + 1
-            if since_best >= o.patience:
-                reason = f"the ESS has not risen for {since_best} evaluations"
+        without_gain = self.evaluations_without_gain(entry)
+        if reason is None and o.patience is not None and without_gain >= o.patience:
+            reason = f"the ESS has not risen for {without_gain} evaluations"
         return reason
 
     def postfix(self) -> dict:

@@ -261,14 +261,10 @@ class TrainingRun(Fit):
         }
 
     def stop_reason(self, entry: dict) -> str | None:
-        patience = self.options.patience
-        if patience is None or entry["val_nll_per_dim"] < min(past["val_nll_per_dim"] for past in self.history):
+        patience, without_gain = self.options.patience, self.evaluations_without_gain(entry)
+        if patience is None or without_gain < patience:
             return None
-        best_step = min(self.history, key=lambda past: past["val_nll_per_dim"])["step"]
-        since_best = sum(past["step"] > best_step for past in self.history) + 1
-        if since_best < patience:
-            return None
-        return f"the validation NLL has not improved for {since_best} epochs"
+        return f"the validation NLL has not improved for {without_gain} epochs"
 
     def score(self, entry: dict) -> float:
         return -entry["val_nll_per_dim"]
