@@ -77,8 +77,8 @@ def main(argv=None) -> None:
     to_answer = {name: stages[name] for name in (*BEFORE_SAMPLING, first, "evaluate") if name in stages}
     p, error = answer(summary, args.temperatures[0])
     umbrella = umbrella_reference()
-    more = {f"{t:g}": {"p_alphaL": answer(summary, t)[0], "p_alphaL_error": answer(summary, t)[1],
-                       "extra_seconds": stages[f"sample-{t:g}K"]} for t in args.temperatures[1:]}
+    more = {f"{t:g}": dict(zip(("p_alphaL", "p_alphaL_error"), answer(summary, t)), extra_seconds=stages[f"sample-{t:g}K"])
+            for t in args.temperatures[1:]}
     results = {
         "machine": machine(),
         "command": " ".join(shlex.quote(part) for part in command),
