@@ -9,8 +9,10 @@ stage       output (in the folder)                          an interrupted stage
 ==========  ==============================================  ======================================
 data        ``data.h5`` (MD, or the lowest replica of        ``data.h5.work/``
             replica exchange) + ``data-all-replicas.h5``
-seed        replica exchange: ``seeded-<state>.h5``, MD      ``seeded-<state>.h5.work/``
-            from a frame of each rare backbone state
+seed        replica exchange: ``seeded-<state>.h5``          ``seeded-<state>.h5.work/``
+            (``seeded-<residue>-<state>.h5`` for a longer
+            peptide), MD from a frame of each backbone
+            state rare in a residue
 train       ``flow.pt`` (marked complete)                    ``flow.pt`` (written every epoch)
 refine      with ``refine_minutes``: ``refined.pt``          ``refined.pt`` (written every evaluation)
 sample      ``samples-<T>K.h5`` per temperature              ``samples-<T>K.h5.ckpt``
@@ -268,7 +270,7 @@ def _on_batched_engine(run, device, fallback: str):
 
 
 def _seed(target, folder, config: PipelineConfig, platform, progress, device="cpu") -> SeedingResult:
-    """MD at the target temperature from a replica-exchange frame of each backbone state rare there."""
+    """MD at the target temperature from a replica-exchange frame of each backbone state rare there, per residue."""
     import copy
 
     from openmm_sbg import populations
@@ -276,22 +278,27 @@ def _seed(target, folder, config: PipelineConfig, platform, progress, device="cp
     from openmm_sbg.seeding import rare_state_seeds
 
     try:
-        labeller = populations.backbone_state_labeller(target.topology)
+        residues, labeller = populations.residue_state_labeller(target.topology)
     except ValueError as err:
         return SeedingResult(runs=[], skipped=str(err))
     path = os.path.join(folder, "data-all-replicas.h5")
     positions = load_positions(path, target)
-    seeds = rare_state_seeds(labeller(positions), read_metadata(path)["frame_temperature_K"], _kelvin(target),
-                             len(populations.BACKBONE_STATES), config.seed_below)
+    labels, temperatures = labeller(positions), read_metadata(path)["frame_temperature_K"]
     runs = []
-    for seed in seeds:
-        out = os.path.join(folder, f"seeded-{seed['state']}.h5")
-        start = copy.copy(target)  # the same System, started from the chosen frame
-        start.positions = positions[seed["frame"]].astype(float)
-        md = _md_config(config, config.seeded_ns, config.seed + 1 + seed["state"])
-        # A finished run of an interrupted stage is kept: run_md would redo it.
-        result = None if os.path.exists(out) else _seeded_md(start, out, md, platform, device, progress)
-        runs.append(SeededRun(**seed, state_name=populations.BACKBONE_STATES[seed["state"]], out=out, md=result))
+    for index, residue in enumerate(residues):
+        seeds = rare_state_seeds(labels[:, index], temperatures, _kelvin(target), len(populations.BACKBONE_STATES),
+                                 config.seed_below)
+        for seed in seeds:
+            # A dipeptide keeps the file names it had before every residue was seeded.
+            name = f"{seed['state']}" if len(residues) == 1 else f"{residue}-{seed['state']}"
+            out = os.path.join(folder, f"seeded-{name}.h5")
+            start = copy.copy(target)  # the same System, started from the chosen frame
+            start.positions = positions[seed["frame"]].astype(float)
+            md = _md_config(config, config.seeded_ns, config.seed + 1 + seed["state"] + index * len(populations.BACKBONE_STATES))
+            # A finished run of an interrupted stage is kept: run_md would redo it.
+            result = None if os.path.exists(out) else _seeded_md(start, out, md, platform, device, progress)
+            runs.append(SeededRun(**seed, state_name=populations.BACKBONE_STATES[seed["state"]], out=out, md=result,
+                                  residue=residue if len(residues) > 1 else None))
     return SeedingResult(runs=runs, below=config.seed_below)
 
 

@@ -27,6 +27,9 @@ def data_result_from_dict(values: dict) -> DataResult:
     return MDRunResult.from_dict(values)
 
 
+_SEED_KEYS = ("state", "fraction_at_target", "from_K", "frame", "state_name")
+
+
 @dataclasses.dataclass
 class SeededRun:
     """MD at the target temperature from a frame of one backbone state rare there (:func:`openmm_sbg.seeding.rare_state_seeds`)."""
@@ -40,21 +43,24 @@ class SeededRun:
     md: MDRunResult | BatchedRunResult | None = None
     """The run's result (OpenMM's or the batched engine's); ``None`` for a run an earlier call of the stage
     finished (only its file is known)."""
+    residue: str | None = None
+    """The residue whose state is rare (``"ALA3"``); ``None`` for a peptide with one such residue."""
 
     @property
     def status(self) -> str:
         return "complete" if self.md is None else self.md.status
 
     def to_dict(self) -> dict:
-        seed = {name: getattr(self, name) for name in ("state", "fraction_at_target", "from_K", "frame", "state_name")}
+        seed = {name: getattr(self, name) for name in _SEED_KEYS}
+        if self.residue is not None:
+            seed["residue"] = self.residue
         return {**seed, **({"out": self.out, "status": "complete"} if self.md is None else self.md.to_dict())}
 
     @classmethod
     def from_dict(cls, values: dict) -> SeededRun:
-        seed_keys = ("state", "fraction_at_target", "from_K", "frame", "state_name")
-        run = {key: value for key, value in values.items() if key not in seed_keys}
+        run = {key: value for key, value in values.items() if key not in (*_SEED_KEYS, "residue")}
         md = None if set(run) == {"out", "status"} else data_result_from_dict(run)
-        return cls(**{key: values[key] for key in seed_keys}, out=run["out"], md=md)
+        return cls(**{key: values[key] for key in _SEED_KEYS}, out=run["out"], md=md, residue=values.get("residue"))
 
 
 @dataclasses.dataclass

@@ -115,3 +115,16 @@ def test_refine_stage_refines_the_trained_flow_and_the_samplers_use_it(ad2, tmp_
     # A folder without the stage keeps its settings file as before the stage existed.
     plain = pipeline.PipelineConfig(**TINY)
     assert "refine_minutes" not in plain.to_dict()
+
+
+def test_run_trains_the_systems_own_small_preset_unless_told():
+    import argparse
+
+    from openmm_sbg.commands.run import _preset
+
+    defaults = pipeline.PipelineConfig()
+    assert _preset(argparse.Namespace(preset=None, system="al4"), defaults) == "al4-small"
+    assert _preset(argparse.Namespace(preset=None, system="ad2"), defaults) == "ad2-small"
+    assert _preset(argparse.Namespace(preset=None, system="chignolin"), defaults) == defaults.preset  # no chignolin-small
+    assert _preset(argparse.Namespace(preset=None, system=None), defaults) == defaults.preset  # --pdb
+    assert _preset(argparse.Namespace(preset="al6-small", system="al4"), defaults) == "al6-small"

@@ -65,3 +65,26 @@ def test_the_seed_stage_runs_target_temperature_md_inside_a_rare_state(ad2, tmp_
     assert (labeller(seeded[:5]) == 2).all()
     # Rerunning the stage keeps the finished run.
     assert pipeline._seed(ad2, str(tmp_path), config, "Reference", progress=False).runs[0].out == run.out
+
+
+def test_every_residue_rare_state_is_seeded_and_recorded(ad2, tmp_path, monkeypatch):
+    from openmm_sbg.pipeline_results import SeedingResult
+
+    # Two labelled residues over 8 frames, 4 at 300 K then 4 at 330 K: residue A is never in state 2 at 300 K
+    # (its frame 6 at 330 K is), residue B is in state 1 at 300 K only once in four (frame 2).
+    labels = np.array([[0, 0], [0, 0], [1, 1], [1, 0], [0, 0], [0, 0], [2, 0], [1, 0]])
+    temperatures = [300.0] * 4 + [330.0] * 4
+    x = np.zeros((8, ad2.topology.getNumAtoms(), 3), dtype=np.float32) + np.arange(8)[:, None, None]
+    write_trajectory(str(tmp_path / "data-all-replicas.h5"), ad2, x, np.zeros(8), split_labels(8), MDConfig(n_frames=8),
+                     frame_temperature_K=temperatures)
+    monkeypatch.setattr(populations, "residue_state_labeller", lambda topology: (["ALA2", "ALA3"], lambda positions: labels))
+    started = []
+    monkeypatch.setattr(pipeline, "_seeded_md", lambda start, out, md, *args: started.append((start.positions[0, 0], out, md.seed)))
+    config = pipeline.PipelineConfig(data="replica-exchange", seeded_ns=0.002, frame_interval_ps=0.05, seed_below=0.25)
+    result = pipeline._seed(ad2, str(tmp_path), config, "Reference", progress=False)
+    # ALA2: state 2 (absent at 300 K, from 330 K's frame 6); ALA3: state 1 (a quarter of 300 K's frames, from frame 2).
+    assert [(run.residue, run.state, run.frame, run.from_K) for run in result.runs] == [("ALA2", 2, 6, 330.0), ("ALA3", 1, 2, 300.0)]
+    assert [os.path.basename(out) for _, out, _ in started] == ["seeded-ALA2-2.h5", "seeded-ALA3-1.h5"]
+    assert [float(first) for first, _, _ in started] == [6.0, 2.0]  # each run starts from its chosen frame
+    assert len({seed for _, _, seed in started}) == 2  # with its own noise
+    assert SeedingResult.from_dict(result.to_dict()) == result

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-below", type=float, default=defaults.seed_below,
                         help=f"replica exchange: a state with at most this fraction of the target temperature's frames is seeded; "
                              f"1 seeds every visited state (default {defaults.seed_below:g})")
-    parser.add_argument("--preset", choices=preset_names(), default=defaults.preset, help="flow architecture")
+    parser.add_argument("--preset", choices=preset_names(), default=None,
+                        help=f"flow architecture (default: the system's CPU preset, <system>-small, where there is one, else "
+                             f"{defaults.preset})")
     parser.add_argument("--train-steps", type=int, default=defaults.training.steps, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=defaults.training.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.training.lr)
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     defaults = PipelineConfig()
     config = PipelineConfig(
         data=args.data, ns=args.ns, frame_interval_ps=args.frame_interval_ps, t_max_K=args.t_max,
-        n_replicas=args.n_replicas, seeded_ns=args.seeded_ns, seed_below=args.seed_below, preset=args.preset,
+        n_replicas=args.n_replicas, seeded_ns=args.seeded_ns, seed_below=args.seed_below, preset=_preset(args, defaults),
         training=dataclasses.replace(defaults.training, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                                      patience=args.patience or None),
         refine_minutes=args.refine_minutes, n_particles=args.n_particles, n_steps=args.n_steps, kernel=args.kernel,
@@ -70,6 +72,16 @@ def run(args: argparse.Namespace) -> dict:
     )
     return run_pipeline(target_from_args(args), args.folder, config, platform=args.platform, device=args.device,
                         progress=not args.no_progress).to_dict()
+
+
+def _preset(args: argparse.Namespace, defaults) -> str:
+    """The chosen preset, else the built-in system's own small one (``al4-small`` for al4), else the default."""
+    from openmm_sbg.flow import preset_names
+
+    if args.preset is not None:
+        return args.preset
+    own = f"{args.system}-small" if getattr(args, "system", None) else None
+    return own if own in preset_names() else defaults.preset
 
 
 def progress_path(args: argparse.Namespace) -> str:
