@@ -1,0 +1,133 @@
+"""How good is a peptide's flow against its replica-exchange reference? IS and SMC, every residue's populations.
+
+For one system and flow: importance sampling (exact weights, bootstrap errors) and SMC (several
+seeds; errors over seeds), each scored against a held-out replica-exchange run (every frame at
+the target temperature): exact ESS, E-W2, T-W2, log Z, and every residue's backbone-state
+populations next to the reference's, whose errors come from its ladder copies (as in
+``reference_check.py``). z is the difference in combined standard errors.
+
+Run: ``nice python benchmarks/peptide_model.py al4 --flow al4 --reference al4-re-82.h5 --copies 8``;
+writes ``results/peptide_model-<system>.json`` and the section "Peptide model, <system>" of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+from _common import Timer, command_line, machine, publish
+from reference_check import one_run
+
+from openmm_sbg import populations, systems
+from openmm_sbg.evaluation import evaluate
+from openmm_sbg.flow import TarFlow
+from openmm_sbg.sampling import sample
+from openmm_sbg.smc import SMCResult
+
+INDEPENDENT_PROPOSALS = {"n_steps": 0, "resample_threshold": 0.0, "clip_fraction": 0.0, "com_adjustment": "gaussian",
+                         "resample_at_end": False}
+
+
+def scored(target, flow, reference: str, folder: str, name: str, seed: int, options: dict) -> dict:
+    """One sampler run, written to ``folder`` and scored against every frame of ``reference``."""
+    out = os.path.join(folder, f"{name}-{seed}.h5")
+    with Timer() as clock:
+        sample(target, flow, out, seed=seed, restart=True, progress=True, **options)
+    metrics = evaluate(SMCResult.load(out), reference, all_frames=True, seed=seed, target=target)
+    residues = metrics["states"]["residues"]
+    return {"seed": seed, "seconds": clock.seconds, "ess": metrics["ess"], "energy_w2_kT": metrics["energy_w2_kT"],
+            "torus_w2": metrics["torus_w2"], "log_z": metrics["log_z"],
+            "populations": [r["samples"] for r in residues],
+            "bootstrap_errors": [r["samples_bootstrap_error"] for r in residues]}
+
+
+def against_reference(pops, errors, reference: dict) -> list[dict]:
+    """Per residue: populations, their errors, the reference's, and z per state."""
+    rows = []
+    for r, name in enumerate(reference["residues"]):
+        p, e = np.asarray(pops[r]), np.asarray(errors[r])
+        q, f = np.asarray(reference["populations"][r]), np.asarray(reference["standard_errors"][r])
+        z = (p - q) / np.sqrt(e**2 + f**2)
+        rows.append({"residue": name, "populations": p.tolist(), "errors": e.tolist(), "reference": q.tolist(),
+                     "reference_errors": f.tolist(), "z": z.tolist()})
+    return rows
+
+
+def summarise(runs: list[dict], reference: dict, independent: bool) -> dict:
+    """Mean metrics over seeds; populations with bootstrap errors (one IS run) or errors over seeds (SMC)."""
+    means = {key: float(np.mean([run[key] for run in runs])) for key in ("ess", "energy_w2_kT", "torus_w2", "log_z", "seconds")}
+    spread = {f"{key}_sd": float(np.std([run[key] for run in runs], ddof=1)) if len(runs) > 1 else None
+              for key in ("energy_w2_kT", "torus_w2", "log_z")}
+    per_residue = np.asarray([run["populations"] for run in runs])  # [seed, residue, state]
+    if independent and len(runs) == 1:
+        pops, errors = per_residue[0], np.asarray(runs[0]["bootstrap_errors"])
+    else:
+        pairs = [populations.combine_repeats(per_residue[:, r]) for r in range(per_residue.shape[1])]
+        pops, errors = np.stack([p for p, _ in pairs]), np.stack([e for _, e in pairs])
+    return {**means, **spread, "residues": against_reference(pops, errors, reference), "runs": runs}
+
+
+def table(results: dict) -> str:
+    rows = ["| sampler | exact ESS | E-W2 (kT) | T-W2 | log Z | wall-clock (s) |", "|---|---|---|---|---|---|"]
+    for label, key in (("IS", "importance_sampling"), ("SMC", "smc")):
+        s = results[key]
+        sd = lambda name: f" ± {s[name + '_sd']:.2f}" if s.get(name + "_sd") is not None else ""  # noqa: E731
+        rows.append(f"| {label} ({s['label']}) | {s['ess']:.3f} | {s['energy_w2_kT']:.2f}{sd('energy_w2_kT')} | "
+                    f"{s['torus_w2']:.2f}{sd('torus_w2')} | {s['log_z']:.2f} | {s['seconds']:.0f} |")
+    rows += ["", "| residue | state | reference | IS | z | SMC | z |", "|---|---|---|---|---|---|---|"]
+    for r, residue in enumerate(results["reference"]["residues"]):
+        for k, state in enumerate(populations.BACKBONE_STATES):
+            ref = results["reference"]
+            cells = [f"{ref['populations'][r][k]:.3f} ± {ref['standard_errors'][r][k]:.3f}"]
+            for key in ("importance_sampling", "smc"):
+                row = results[key]["residues"][r]
+                cells += [f"{row['populations'][k]:.3f} ± {row['errors'][k]:.3f}", f"{row['z'][k]:+.1f}"]
+            rows.append(f"| {residue} | {state} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("system", choices=systems.names())
+    parser.add_argument("--flow", required=True, help="a shipped model's name or a checkpoint")
+    parser.add_argument("--reference", required=True, help="held-out replica-exchange output (target temperature)")
+    parser.add_argument("--copies", type=int, default=8, help="ladder copies of the reference run")
+    parser.add_argument("--burn-in-ps", type=int, default=100, help="frames dropped at the start of each reference copy")
+    parser.add_argument("--proposals", type=int, default=20000, help="importance-sampling proposals")
+    parser.add_argument("--smc-particles", type=int, default=2000)
+    parser.add_argument("--smc-steps", type=int, default=50)
+    parser.add_argument("--smc-seeds", type=int, default=2)
+    parser.add_argument("--folder", default=None, help="where the samples files go (default: a temporary folder)")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
+    args = parser.parse_args()
+
+    target = systems.get(args.system)
+    flow = TarFlow.load(args.flow, target=target)
+    reference, _ = one_run(args.reference, args.copies, args.burn_in_ps)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.folder or scratch
+        os.makedirs(folder, exist_ok=True)
+        importance = scored(target, flow, args.reference, folder, "is", 0,
+                            {**INDEPENDENT_PROPOSALS, "n_particles": args.proposals})
+        smc = [scored(target, flow, args.reference, folder, "smc", seed,
+                      {"n_particles": args.smc_particles, "n_steps": args.smc_steps, "kernel": "mala", "resample_at_end": False})
+               for seed in range(args.smc_seeds)]
+    results = {
+        "system": args.system, "flow": args.flow, "reference": reference, "machine": machine(),
+        "command": command_line("peptide_model.py", None),
+        "importance_sampling": {**summarise([importance], reference, independent=True), "label": f"{args.proposals:,} proposals"},
+        "smc": {**summarise(smc, reference, independent=False),
+                "label": f"{args.smc_particles:,} particles, {args.smc_steps} MALA steps, {args.smc_seeds} seeds"},
+    }
+    text = (f"Machine: {results['machine']}\n\nCommand: `{results['command']}`. Flow `{args.flow}`; reference "
+            f"`{os.path.basename(args.reference)}`, all {reference['frames_used']:,} target-temperature frames after "
+            f"{args.burn_in_ps} ps of each of its {args.copies} copies for the populations (errors over copies), every "
+            "frame for E-W2 and T-W2. IS populations carry bootstrap errors, SMC's the error over seeds; z is the "
+            "difference in combined standard errors.\n\n" + table(results))
+    publish(results, f"peptide_model-{args.system}.json", f"Peptide model, {args.system}", text, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
