@@ -94,20 +94,38 @@ def check_atoms_match(topology: mdtraj.Topology, target) -> None:
             )
 
 
-def training_frames(paths, target=None) -> tuple[np.ndarray, np.ndarray, str]:
+def training_frames(paths, target=None, max_temperature_K: float | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Training and validation frames of every file, concatenated, and where validation came from.
 
     ``openmm-sbg md`` files (and replica-exchange files) give their train and val splits; any
-    other trajectory holds out its last 10% of frames.
+    other trajectory holds out its last 10% of frames. ``max_temperature_K`` keeps only the
+    frames sampled at or below that temperature: the lower rungs of a pooled replica-exchange
+    file (``...-all-replicas.h5``), whose frames record their temperature.
     """
     train_parts, val_parts = [], []
     for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        if "split" in read_metadata(path):
-            train_parts.append(load_positions(path, target=target, split="train"))
-            val_parts.append(load_positions(path, target=target, split="val"))
+        meta = read_metadata(path)
+        frames = load_positions(path, target=target)
+        if max_temperature_K is not None:
+            if "frame_temperature_K" not in meta:
+                raise ValueError(f"{path} does not record each frame's temperature, so max_temperature_K cannot select "
+                                 "from it; pass the pooled replica-exchange file (`md --replica-exchange --all-replicas` "
+                                 "writes ...-all-replicas.h5) or leave the temperature out")
+            kept = meta["frame_temperature_K"] <= max_temperature_K + 1e-6
+            if not kept.any():
+                raise ValueError(f"no frame of {path} is at or below {max_temperature_K:g} K (its lowest is "
+                                 f"{meta['frame_temperature_K'].min():g} K)")
         else:
-            frames = load_positions(path, target=target)
+            kept = np.ones(len(frames), dtype=bool)
+        if "split" in meta:
+            train_parts.append(frames[kept & (meta["split"] == SPLIT_CODES["train"])])
+            val_parts.append(frames[kept & (meta["split"] == SPLIT_CODES["val"])])
+        else:
+            frames = frames[kept]
             n_val = max(1, len(frames) // 10)
             train_parts.append(frames[:-n_val])
             val_parts.append(frames[-n_val:])
-    return np.concatenate(train_parts), np.concatenate(val_parts), "each file's val split (or last 10% of frames)"
+    held_out = "each file's val split (or last 10% of frames)"
+    if max_temperature_K is not None:
+        held_out += f", frames at or below {max_temperature_K:g} K"
+    return np.concatenate(train_parts), np.concatenate(val_parts), held_out

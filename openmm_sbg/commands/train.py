@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MD trajectories: `openmm-sbg md` files, or any files mdtraj reads (several are concatenated); "
         "required, except for --refine with --data-weight 0 (the energy alone)",
     )
+    parser.add_argument(
+        "--data-max-temperature", type=float, default=None, metavar="K",
+        help="train on the frames sampled at or below K only: the lower rungs of a pooled replica-exchange file "
+        "(`md --replica-exchange --all-replicas` writes ...-all-replicas.h5); default: every frame",
+    )
     parser.add_argument("--out", required=True, help="flow checkpoint to write (.pt); updated after every epoch")
     parser.add_argument(
         "--preset", default="ad2-small", choices=preset_names(),
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     target = target_from_args(args)
     from openmm_sbg.data import training_frames
 
-    train_positions, val_positions, held_out = training_frames(args.data, target)
+    train_positions, val_positions, held_out = training_frames(args.data, target, args.data_max_temperature)
     config = get_preset(args.preset)
     overrides = {"representation": args.representation,
                  **{field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _SIZES}}
@@ -231,7 +236,7 @@ def _refine(args: argparse.Namespace) -> dict:
     if options.data_weight > 0 and args.data is None:
         raise ValueError(f"--data-weight {options.data_weight:g} mixes in the MD data's likelihood: give --data "
                          "(the frames the flow was trained on), or --data-weight 0 to refine with the energy alone")
-    data_positions = training_frames(args.data, target)[0] if options.data_weight > 0 else None
+    data_positions = training_frames(args.data, target, args.data_max_temperature)[0] if options.data_weight > 0 else None
     try:
         states = populations.backbone_state_labeller(target.topology)
     except ValueError:
