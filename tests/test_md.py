@@ -127,20 +127,20 @@ def test_md_start_frame_errors_say_what_to_change(tmp_path, capsys):
 def test_training_frames_keep_the_lower_rungs_of_a_pooled_replica_exchange_file(ad2, tmp_path):
     from openmm_sbg import data
 
-    # 20 frames in ladder order (300, 330, 360, 390 K, five times), each frame's x-shift its index.
-    xyz = (np.asarray(ad2.positions)[None] + np.arange(20)[:, None, None] * [1.0, 0.0, 0.0]).astype(np.float32)
-    split = np.repeat(split_labels(5), 4)
+    # 40 frames in ladder order (300, 330, 360, 390 K, ten times), each frame's x-shift its index.
+    xyz = (np.asarray(ad2.positions)[None] + np.arange(40)[:, None, None] * [1.0, 0.0, 0.0]).astype(np.float32)
+    split = np.repeat(split_labels(10), 4)  # 8 train, 1 val, 1 test ladder sets
     path = str(tmp_path / "pooled.h5")
-    write_trajectory(path, ad2, xyz, np.zeros(20), split, MDConfig(n_frames=20), frame_temperature_K=np.tile([300.0, 330.0, 360.0, 390.0], 5))
+    write_trajectory(path, ad2, xyz, np.zeros(40), split, MDConfig(n_frames=40), frame_temperature_K=np.tile([300.0, 330.0, 360.0, 390.0], 10))
     train, val, held_out = data.training_frames(path, ad2, max_temperature_K=330.0)
     shift = lambda frames: np.rint(frames[:, 0, 0] - np.asarray(ad2.positions)[0, 0]).astype(int).tolist()  # noqa: E731
     train_rows = np.flatnonzero(split == 0)
     assert shift(train) == [i for i in train_rows if i % 4 < 2]  # the 300 and 330 K frames of the train split
-    assert all(i % 4 < 2 for i in shift(val)) and "330 K" in held_out
+    assert shift(val) == [32, 33] and "330 K" in held_out
     assert len(data.training_frames(path, ad2)[0]) == len(train_rows)  # no temperature: every frame
     with pytest.raises(ValueError, match="lowest is 300 K"):
         data.training_frames(path, ad2, max_temperature_K=250.0)
     plain = str(tmp_path / "plain.h5")
-    write_trajectory(plain, ad2, xyz, np.zeros(20), split, MDConfig(n_frames=20))
+    write_trajectory(plain, ad2, xyz, np.zeros(40), split, MDConfig(n_frames=40))
     with pytest.raises(ValueError, match="all-replicas"):
         data.training_frames(plain, ad2, max_temperature_K=330.0)
