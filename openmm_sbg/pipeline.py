@@ -80,6 +80,9 @@ class PipelineConfig:
     """Replica exchange: a state with at most this fraction of the target-temperature frames is seeded."""
     preset: str = "ad2-small"
     """Flow architecture (:func:`openmm_sbg.flow.preset_names`)."""
+    train_max_temperature_K: float | None = None
+    """Replica exchange: train on the replicas at or below this temperature (and the seeded runs); ``None`` trains
+    on every replica, so the flow proposes what only the hot replicas reach, broader than the target needs."""
     training: TrainOptions = dataclasses.field(
         default_factory=lambda: TrainOptions(steps=3000, batch_size=256, lr=1e-3, patience=3))
     """:class:`~openmm_sbg.flow.TrainOptions` of the maximum-likelihood fit (its seed is ``seed``); by default it stops
@@ -107,6 +110,9 @@ class PipelineConfig:
             raise ValueError("ns and frame_interval_ps must be positive")
         if self.seeded_ns < 0 or not 0 <= self.seed_below <= 1:
             raise ValueError("seeded_ns must be >= 0 and seed_below a fraction in [0, 1]")
+        if self.train_max_temperature_K is not None and (self.data != "replica-exchange" or self.train_max_temperature_K <= 0):
+            raise ValueError("train_max_temperature_K selects replica-exchange rungs: it needs data='replica-exchange' and a "
+                             f"temperature in K, got {self.train_max_temperature_K!r} with data={self.data!r}")
         if self.refine_minutes < 0:
             raise ValueError(f"refine_minutes must be >= 0 (0 skips the refinement), got {self.refine_minutes}")
         object.__setattr__(self, "sample_temperatures_K", tuple(float(t) for t in self.sample_temperatures_K))
@@ -115,8 +121,9 @@ class PipelineConfig:
         """JSON form, as ``pipeline.json`` stores it; settings added later are left out at their old behaviour's
         value, so folders written before them continue."""
         values = {**dataclasses.asdict(self), "training": self.training.to_dict()}
-        if not self.refine_minutes:
-            del values["refine_minutes"]
+        for later in ("refine_minutes", "train_max_temperature_K"):
+            if not values[later]:
+                del values[later]
         return json.loads(json.dumps(values))
 
 
@@ -319,6 +326,8 @@ def _seeded_md(start, out, md, platform, device, progress):
 
 
 def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> TrainingRecord:
+    import numpy as np
+
     from openmm_sbg.data import training_frames
     from openmm_sbg.dynamics import compile_available
     from openmm_sbg.flow import TarFlow, train
@@ -326,7 +335,9 @@ def _train(target, folder, files: list[str], config: PipelineConfig, device, pro
     path = os.path.join(folder, "flow.pt")
     flow = TarFlow.load(path) if os.path.exists(path) else None
     if flow is None or not flow.metadata.get("complete"):  # a finished fit is kept, an unfinished one resumed
-        train_positions, val_positions, _ = training_frames(files, target)
+        pooled, seeded = files[:1], files[1:]  # the data stage's file, then the seeded runs at the target temperature
+        parts = [training_frames(pooled, target, config.train_max_temperature_K), *([training_frames(seeded, target)] if seeded else [])]
+        train_positions, val_positions = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
         flow = train(
             train_positions, val_positions, target=target, config=config.preset,
             options=dataclasses.replace(config.training, seed=config.seed), checkpoint_path=path, device=device,

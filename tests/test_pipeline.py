@@ -128,3 +128,32 @@ def test_run_trains_the_systems_own_small_preset_unless_told():
     assert _preset(argparse.Namespace(preset=None, system="chignolin"), defaults) == defaults.preset  # no chignolin-small
     assert _preset(argparse.Namespace(preset=None, system=None), defaults) == defaults.preset  # --pdb
     assert _preset(argparse.Namespace(preset="al6-small", system="al4"), defaults) == "al6-small"
+
+
+def test_training_can_keep_the_lower_replica_exchange_rungs_and_the_seeded_runs(ad2, tmp_path, monkeypatch):
+    from openmm_sbg import flow as flow_module
+    from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+
+    xyz = np.repeat(np.asarray(ad2.positions, dtype=np.float32)[None], 40, axis=0)
+    split = np.repeat(split_labels(10), 4)  # 8 train, 1 val, 1 test ladder sets of 4 rungs
+    write_trajectory(str(tmp_path / "data-all-replicas.h5"), ad2, xyz, np.zeros(40), split, MDConfig(n_frames=40),
+                     frame_temperature_K=np.tile([300.0, 330.0, 360.0, 390.0], 10))
+    write_trajectory(str(tmp_path / "seeded-2.h5"), ad2, xyz[:10], np.zeros(10), split_labels(10), MDConfig(n_frames=10))
+    fitted = []
+
+    def fake_train(train_positions, val_positions, **kwargs):
+        fitted.append((len(train_positions), len(val_positions)))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(flow_module, "train", fake_train)
+    files = [str(tmp_path / "data-all-replicas.h5"), str(tmp_path / "seeded-2.h5")]
+    for kelvin in (330.0, None):
+        config = pipeline.PipelineConfig(data="replica-exchange", train_max_temperature_K=kelvin)
+        with pytest.raises(RuntimeError, match="stop here"):
+            pipeline._train(ad2, str(tmp_path), files, config, "cpu", progress=False)
+    # 300 and 330 K: 8 train and 1 val set of two rungs, plus the seeded run's 8 and 1; every rung: four each.
+    assert fitted == [(2 * 8 + 8, 2 + 1), (4 * 8 + 8, 4 + 1)]
+    assert pipeline.PipelineConfig(data="replica-exchange", train_max_temperature_K=330.0).to_dict()["train_max_temperature_K"] == 330.0
+    assert "train_max_temperature_K" not in pipeline.PipelineConfig().to_dict()  # folders written before it continue
+    with pytest.raises(ValueError, match="replica-exchange"):
+        pipeline.PipelineConfig(data="md", train_max_temperature_K=330.0)
