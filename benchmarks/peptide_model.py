@@ -126,7 +126,7 @@ def main() -> None:
             f"{args.burn_in_ps} ps of each of its {args.copies} copies for the populations (errors over copies), every "
             "frame for E-W2 and T-W2. IS populations carry bootstrap errors, SMC's the error over seeds; z is the "
             "difference in combined standard errors.\n\n" + table(results))
-    publish(results, f"peptide_model-{args.system}.json", f"Peptide model, {args.system}", text, write=not args.no_write)
+    publish(results, f"peptide_model-{args.system}.json", f"### Peptide model, {args.system}", text, write=not args.no_write)
 
 
 if __name__ == "__main__":
