@@ -80,6 +80,9 @@ class PipelineConfig:
     """Replica exchange: a state with at most this fraction of the target-temperature frames is seeded."""
     preset: str = "ad2-small"
     """Flow architecture (:func:`openmm_sbg.flow.preset_names`)."""
+    spline_bins: int = 0
+    """Rational-quadratic spline bins after each block's affine map (:class:`~openmm_sbg.flow.FlowConfig`); 0 keeps
+    the preset's blocks."""
     train_max_temperature_K: float | None = None
     """Replica exchange: train on the replicas at or below this temperature (and the seeded runs); ``None`` trains
     on every replica, so the flow proposes what only the hot replicas reach, broader than the target needs."""
@@ -108,6 +111,8 @@ class PipelineConfig:
             raise ValueError(f"data must be one of {DATA_SOURCES}, got {self.data!r}")
         if self.ns <= 0 or self.frame_interval_ps <= 0:
             raise ValueError("ns and frame_interval_ps must be positive")
+        if self.spline_bins < 0 or self.spline_bins == 1:
+            raise ValueError(f"spline_bins must be 0 (the preset's blocks) or at least 2, got {self.spline_bins}")
         if self.seeded_ns < 0 or not 0 <= self.seed_below <= 1:
             raise ValueError("seeded_ns must be >= 0 and seed_below a fraction in [0, 1]")
         if self.train_max_temperature_K is not None and (self.data != "replica-exchange" or self.train_max_temperature_K <= 0):
@@ -121,7 +126,7 @@ class PipelineConfig:
         """JSON form, as ``pipeline.json`` stores it; settings added later are left out at their old behaviour's
         value, so folders written before them continue."""
         values = {**dataclasses.asdict(self), "training": self.training.to_dict()}
-        for later in ("refine_minutes", "train_max_temperature_K"):
+        for later in ("refine_minutes", "spline_bins", "train_max_temperature_K"):
             if not values[later]:
                 del values[later]
         return json.loads(json.dumps(values))
@@ -330,7 +335,7 @@ def _train(target, folder, files: list[str], config: PipelineConfig, device, pro
 
     from openmm_sbg.data import training_frames
     from openmm_sbg.dynamics import compile_available
-    from openmm_sbg.flow import TarFlow, train
+    from openmm_sbg.flow import TarFlow, get_preset, train
 
     path = os.path.join(folder, "flow.pt")
     flow = TarFlow.load(path) if os.path.exists(path) else None
@@ -339,7 +344,8 @@ def _train(target, folder, files: list[str], config: PipelineConfig, device, pro
         parts = [training_frames(pooled, target, config.train_max_temperature_K), *([training_frames(seeded, target)] if seeded else [])]
         train_positions, val_positions = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
         flow = train(
-            train_positions, val_positions, target=target, config=config.preset,
+            train_positions, val_positions, target=target,
+            config=dataclasses.replace(get_preset(config.preset), spline_bins=config.spline_bins) if config.spline_bins else config.preset,
             options=dataclasses.replace(config.training, seed=config.seed), checkpoint_path=path, device=device,
             progress=progress, metadata={"data": files, "preset": config.preset}, compile=compile_available(device),
         )

@@ -1,5 +1,6 @@
 """`openmm-sbg run` / run_pipeline end to end on a tiny budget: stages skipped, interrupted and resumed."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -142,17 +143,22 @@ def test_training_can_keep_the_lower_replica_exchange_rungs_and_the_seeded_runs(
     fitted = []
 
     def fake_train(train_positions, val_positions, **kwargs):
-        fitted.append((len(train_positions), len(val_positions)))
+        fitted.append((len(train_positions), len(val_positions), kwargs["config"]))
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(flow_module, "train", fake_train)
     files = [str(tmp_path / "data-all-replicas.h5"), str(tmp_path / "seeded-2.h5")]
-    for kelvin in (330.0, None):
-        config = pipeline.PipelineConfig(data="replica-exchange", train_max_temperature_K=kelvin)
+    for kelvin, bins in ((330.0, 8), (None, 0)):
+        config = pipeline.PipelineConfig(data="replica-exchange", train_max_temperature_K=kelvin, preset="al4-small", spline_bins=bins)
         with pytest.raises(RuntimeError, match="stop here"):
             pipeline._train(ad2, str(tmp_path), files, config, "cpu", progress=False)
     # 300 and 330 K: 8 train and 1 val set of two rungs, plus the seeded run's 8 and 1; every rung: four each.
-    assert fitted == [(2 * 8 + 8, 2 + 1), (4 * 8 + 8, 4 + 1)]
+    assert [(n_train, n_val) for n_train, n_val, _ in fitted] == [(2 * 8 + 8, 2 + 1), (4 * 8 + 8, 4 + 1)]
+    splined, plain = fitted[0][2], fitted[1][2]
+    assert splined == dataclasses.replace(flow_module.get_preset("al4-small"), spline_bins=8) and plain == "al4-small"
+    assert "spline_bins" not in pipeline.PipelineConfig().to_dict()
+    with pytest.raises(ValueError, match="spline_bins"):
+        pipeline.PipelineConfig(spline_bins=1)
     assert pipeline.PipelineConfig(data="replica-exchange", train_max_temperature_K=330.0).to_dict()["train_max_temperature_K"] == 330.0
     assert "train_max_temperature_K" not in pipeline.PipelineConfig().to_dict()  # folders written before it continue
     with pytest.raises(ValueError, match="replica-exchange"):

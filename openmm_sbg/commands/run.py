@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=preset_names(), default=None,
                         help=f"flow architecture (default: the system's CPU preset, <system>-small, where there is one, else "
                              f"{defaults.preset})")
+    parser.add_argument("--spline-bins", type=int, default=defaults.spline_bins,
+                        help="follow each block's affine map with a rational-quadratic spline of this many bins (the shipped "
+                             "models use 8); 0: the preset's affine blocks (default)")
     parser.add_argument("--train-max-temperature", type=float, default=None, metavar="K",
                         help="replica exchange: train on the rungs at or below K (and the seeded runs); default: every rung")
     parser.add_argument("--train-steps", type=int, default=defaults.training.steps, help="optimiser steps")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     config = PipelineConfig(
         data=args.data, ns=args.ns, frame_interval_ps=args.frame_interval_ps, t_max_K=args.t_max,
         n_replicas=args.n_replicas, seeded_ns=args.seeded_ns, seed_below=args.seed_below, preset=_preset(args, defaults),
-        train_max_temperature_K=args.train_max_temperature,
+        spline_bins=args.spline_bins, train_max_temperature_K=args.train_max_temperature,
         training=dataclasses.replace(defaults.training, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                                      patience=args.patience or None),
         refine_minutes=args.refine_minutes, n_particles=args.n_particles, n_steps=args.n_steps, kernel=args.kernel,
