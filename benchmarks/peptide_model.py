@@ -25,9 +25,7 @@ from openmm_sbg.evaluation import evaluate
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.sampling import sample
 from openmm_sbg.smc import SMCResult
-
-INDEPENDENT_PROPOSALS = {"n_steps": 0, "resample_threshold": 0.0, "clip_fraction": 0.0, "com_adjustment": "gaussian",
-                         "resample_at_end": False}
+from openmm_sbg.smc.options import INDEPENDENT_PROPOSALS
 
 
 def scored(target, flow, reference: str, folder: str, name: str, seed: int, options: dict) -> dict:
@@ -110,7 +108,7 @@ def main() -> None:
         folder = args.folder or scratch
         os.makedirs(folder, exist_ok=True)
         importance = scored(target, flow, args.reference, folder, "is", 0,
-                            {**INDEPENDENT_PROPOSALS, "n_particles": args.proposals})
+                            {**INDEPENDENT_PROPOSALS, "n_steps": 0, "resample_at_end": False, "n_particles": args.proposals})
         smc = [scored(target, flow, args.reference, folder, "smc", seed,
                       {"n_particles": args.smc_particles, "n_steps": args.smc_steps, "kernel": "mala", "resample_at_end": False})
                for seed in range(args.smc_seeds)]

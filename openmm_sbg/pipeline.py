@@ -50,13 +50,10 @@ from openmm_sbg.pipeline_results import (
     data_result_from_dict,
 )
 from openmm_sbg.resume import check_resume_settings
+from openmm_sbg.smc.options import INDEPENDENT_PROPOSALS
 from openmm_sbg.target import BoltzmannTarget, notice
 
 DATA_SOURCES = ("md", "replica-exchange")
-# Weighted samples estimate populations best. Importance sampling keeps its proposals
-# independent (no resampling) and unclipped (clipping the largest weights biases a rare
-# basin), with the CoM adjustment that cancels the flow's own CoM density.
-_INDEPENDENT_PROPOSALS = {"resample_threshold": 0.0, "clip_fraction": 0.0, "com_adjustment": "gaussian"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +150,13 @@ def run_pipeline(
     stages = {}
     stages["data"] = _stage(folder, "data", lambda: _make_data(target, folder, config, platform, progress, device),
                             data_result_from_dict)
-    files = [os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")]
+    data_file = os.path.join(folder, "data-all-replicas.h5" if config.data == "replica-exchange" else "data.h5")
+    seeded = []
     if config.data == "replica-exchange" and config.seeded_ns > 0:
         stages["seed"] = _stage(folder, "seed", lambda: _seed(target, folder, config, platform, progress, device),
                                 SeedingResult.from_dict)
-        files += [run.out for run in stages["seed"].result.runs]
-    stages["train"] = _stage(folder, "train", lambda: _train(target, folder, files, config, device, progress),
+        seeded = [run.out for run in stages["seed"].result.runs]
+    stages["train"] = _stage(folder, "train", lambda: _train(target, folder, data_file, seeded, config, device, progress),
                              TrainingRecord.from_dict)
     flow_path = os.path.join(folder, "flow.pt")
     if config.refine_minutes > 0:
@@ -296,13 +294,13 @@ def _seed(target, folder, config: PipelineConfig, platform, progress, device="cp
     path = os.path.join(folder, "data-all-replicas.h5")
     positions = load_positions(path, target)
     labels, temperatures = labeller(positions), read_metadata(path)["frame_temperature_K"]
-    runs = []
+    runs, single = [], len(residues) == 1
     for index, residue in enumerate(residues):
         seeds = rare_state_seeds(labels[:, index], temperatures, _kelvin(target), len(populations.BACKBONE_STATES),
                                  config.seed_below)
         for seed in seeds:
             # A dipeptide keeps the file names it had before every residue was seeded.
-            name = f"{seed['state']}" if len(residues) == 1 else f"{residue}-{seed['state']}"
+            name = f"{seed['state']}" if single else f"{residue}-{seed['state']}"
             out = os.path.join(folder, f"seeded-{name}.h5")
             start = copy.copy(target)  # the same System, started from the chosen frame
             start.positions = positions[seed["frame"]].astype(float)
@@ -310,7 +308,7 @@ def _seed(target, folder, config: PipelineConfig, platform, progress, device="cp
             # A finished run of an interrupted stage is kept: run_md would redo it.
             result = None if os.path.exists(out) else _seeded_md(start, out, md, platform, device, progress)
             runs.append(SeededRun(**seed, state_name=populations.BACKBONE_STATES[seed["state"]], out=out, md=result,
-                                  residue=residue if len(residues) > 1 else None))
+                                  residue=None if single else residue))
     return SeedingResult(runs=runs, below=config.seed_below)
 
 
@@ -330,7 +328,8 @@ def _seeded_md(start, out, md, platform, device, progress):
     return batched if batched is not None else run_md(start, out, md, platform=platform, progress=progress)
 
 
-def _train(target, folder, files: list[str], config: PipelineConfig, device, progress) -> TrainingRecord:
+def _train(target, folder, data_file: str, seeded: list[str], config: PipelineConfig, device, progress) -> TrainingRecord:
+    """Fit the flow to the data stage's frames (at or below ``train_max_temperature_K``) and the seeded runs'."""
     import numpy as np
 
     from openmm_sbg.data import training_frames
@@ -340,14 +339,15 @@ def _train(target, folder, files: list[str], config: PipelineConfig, device, pro
     path = os.path.join(folder, "flow.pt")
     flow = TarFlow.load(path) if os.path.exists(path) else None
     if flow is None or not flow.metadata.get("complete"):  # a finished fit is kept, an unfinished one resumed
-        pooled, seeded = files[:1], files[1:]  # the data stage's file, then the seeded runs at the target temperature
-        parts = [training_frames(pooled, target, config.train_max_temperature_K), *([training_frames(seeded, target)] if seeded else [])]
-        train_positions, val_positions = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
+        train_positions, val_positions, _ = training_frames(data_file, target, config.train_max_temperature_K)
+        if seeded:  # MD at the target temperature: every frame counts
+            seeded_train, seeded_val, _ = training_frames(seeded, target)
+            train_positions, val_positions = np.concatenate([train_positions, seeded_train]), np.concatenate([val_positions, seeded_val])
         flow = train(
             train_positions, val_positions, target=target,
             config=dataclasses.replace(get_preset(config.preset), spline_bins=config.spline_bins) if config.spline_bins else config.preset,
             options=dataclasses.replace(config.training, seed=config.seed), checkpoint_path=path, device=device,
-            progress=progress, metadata={"data": files, "preset": config.preset}, compile=compile_available(device),
+            progress=progress, metadata={"data": [data_file, *seeded], "preset": config.preset}, compile=compile_available(device),
         )
     record = flow.metadata
     return TrainingRecord(
@@ -395,7 +395,7 @@ def _sample(target, flow_path, folder, kelvin, config: PipelineConfig, device, p
     return SamplingRecord(sample(
         at_temperature, flow, out, seed=config.seed, n_particles=config.n_particles, n_steps=config.n_steps,
         kernel=config.kernel, progress=progress,
-        resample_at_end=False, **(_INDEPENDENT_PROPOSALS if config.n_steps == 0 else {}),
+        resample_at_end=False, **(INDEPENDENT_PROPOSALS if config.n_steps == 0 else {}),
     ))
 
 

@@ -151,7 +151,7 @@ def test_training_can_keep_the_lower_replica_exchange_rungs_and_the_seeded_runs(
     for kelvin, bins in ((330.0, 8), (None, 0)):
         config = pipeline.PipelineConfig(data="replica-exchange", train_max_temperature_K=kelvin, preset="al4-small", spline_bins=bins)
         with pytest.raises(RuntimeError, match="stop here"):
-            pipeline._train(ad2, str(tmp_path), files, config, "cpu", progress=False)
+            pipeline._train(ad2, str(tmp_path), files[0], files[1:], config, "cpu", progress=False)
     # 300 and 330 K: 8 train and 1 val set of two rungs, plus the seeded run's 8 and 1; every rung: four each.
     assert [(n_train, n_val) for n_train, n_val, _ in fitted] == [(2 * 8 + 8, 2 + 1), (4 * 8 + 8, 4 + 1)]
     splined, plain = fitted[0][2], fitted[1][2]

@@ -86,7 +86,7 @@ def _preset(args: argparse.Namespace, defaults) -> str:
 
     if args.preset is not None:
         return args.preset
-    own = f"{args.system}-small" if getattr(args, "system", None) else None
+    own = f"{args.system}-small" if args.system else None
     return own if own in preset_names() else defaults.preset
 
 

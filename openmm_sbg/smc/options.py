@@ -19,6 +19,11 @@ from openmm_sbg.smc.schedules import Schedule
 #: unadjusted Langevin unstable above ~1e-5 nm^2; see ``ula_step``.
 DEFAULT_STEP_SIZE = 1e-6
 
+#: Importance sampling whose weighted proposals estimate populations: the proposals stay
+#: independent (no resampling) and unclipped (clipping the largest weights biases a rare
+#: basin), with the CoM adjustment that cancels the flow's own CoM density.
+INDEPENDENT_PROPOSALS = {"resample_threshold": 0.0, "clip_fraction": 0.0, "com_adjustment": "gaussian"}
+
 # Options that change how a run is reported or saved, not its result: a checkpoint written
 # with other values of these resumes.
 _RUN_CONTROLS = ("checkpoint_path", "checkpoint_every", "progress")
