@@ -96,10 +96,12 @@ def main() -> None:
     parser.add_argument("--proposals", type=int, default=20000, help="importance-sampling proposals")
     parser.add_argument("--smc-particles", type=int, default=2000)
     parser.add_argument("--smc-steps", type=int, default=50)
-    parser.add_argument("--smc-seeds", type=int, default=2)
+    parser.add_argument("--smc-seeds", type=int, default=2, help="SMC repeats (two or more: their spread is the error)")
     parser.add_argument("--folder", default=None, help="where the samples files go (default: a temporary folder)")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = parser.parse_args()
+    if args.smc_seeds < 2:
+        parser.error("--smc-seeds must be 2 or more: SMC's population errors are the spread over its seeds")
 
     target = systems.get(args.system)
     flow = TarFlow.load(args.flow, target=target)
