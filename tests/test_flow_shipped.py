@@ -12,10 +12,10 @@ from openmm_sbg.flow.checkpoint import read_checkpoint
 from openmm_sbg.shipped import model_names, model_path
 
 # `ad2`, the model to use, and `ad2-cartesian`, the paper's Cartesian representation (for its
-# chi3 protocol and comparison with the paper); `al3` and `al4`, the models of larger peptides.
+# chi3 protocol and comparison with the paper); `al3`, `al4` and `al6`, the models of larger peptides.
 # Name -> (representation, built-in system, largest file in bytes).
 SHIPPED = {"ad2": ("internal", "ad2", 5e6), "ad2-cartesian": ("cartesian", "ad2", 5e6), "al3": ("internal", "al3", 7e6),
-           "al4": ("internal", "al4", 7e6)}
+           "al4": ("internal", "al4", 7e6), "al6": ("internal", "al6", 11e6)}
 
 
 def test_every_shipped_model_is_listed():
