@@ -49,7 +49,7 @@ from openmm_sbg.pipeline_results import (
     TrainingRecord,
     data_result_from_dict,
 )
-from openmm_sbg.resume import check_resume_settings
+from openmm_sbg.resume import check_resume_settings, without_later_settings
 from openmm_sbg.smc.options import INDEPENDENT_PROPOSALS
 from openmm_sbg.target import BoltzmannTarget, notice
 
@@ -123,10 +123,8 @@ class PipelineConfig:
         """JSON form, as ``pipeline.json`` stores it; settings added later are left out at their old behaviour's
         value, so folders written before them continue."""
         values = {**dataclasses.asdict(self), "training": self.training.to_dict()}
-        for later in ("refine_minutes", "spline_bins", "train_max_temperature_K"):
-            if not values[later]:
-                del values[later]
-        return json.loads(json.dumps(values))
+        later = {"refine_minutes": 0.0, "spline_bins": 0, "train_max_temperature_K": None}
+        return json.loads(json.dumps(without_later_settings(values, later)))
 
 
 def run_pipeline(

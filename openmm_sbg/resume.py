@@ -21,6 +21,16 @@ def check_resume_settings(where: str, saved: dict, settings: dict,
     raise ValueError(f"{where} holds a run with other {what} ({'; '.join(differences)}); {remedy}")
 
 
+def without_later_settings(values: dict, old_behaviour: dict) -> dict:
+    """``values`` less each setting added after runs were first stored, while it holds its old behaviour's value.
+
+    ``old_behaviour`` maps such a setting to the value that means "as before it existed". A run
+    stored before the setting existed then compares equal to the same run started today, so
+    it resumes; any other value is kept, and a changed setting is reported.
+    """
+    return {key: value for key, value in values.items() if key not in old_behaviour or value != old_behaviour[key]}
+
+
 def _differences(old, new, prefix: str = ""):
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):

@@ -9,6 +9,7 @@ import torch
 
 from openmm_sbg import cli
 from openmm_sbg.flow import FlowConfig, TarFlow, TrainOptions, train
+from openmm_sbg.flow.refine import RefineOptions
 from openmm_sbg.flow.training import one_cycle_lr
 from openmm_sbg.md import MDConfig, split_labels, write_trajectory
 
@@ -201,3 +202,10 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert str(tmp_path / "flow.pt") in err and "openmm-sbg train ad2 --data md.h5" in err
+
+
+def test_settings_added_later_are_stored_only_when_set():
+    """Checkpoints written before ``patience`` existed resume: an unset one is not stored, a set one is."""
+    for options in (TrainOptions, RefineOptions):
+        assert "patience" not in options().to_dict()
+        assert options(patience=3).to_dict()["patience"] == 3

@@ -52,6 +52,7 @@ from openmm_sbg import populations
 from openmm_sbg.flow import features
 from openmm_sbg.flow.fitting import AllProcesses, Fit, OneProcess, Processes, feature_tensor, fingerprint, stream_generator
 from openmm_sbg.flow.model import TarFlow
+from openmm_sbg.resume import without_later_settings
 from openmm_sbg.smc.proposal import com_energy, com_log_density
 from openmm_sbg.smc.weights import jarzynski_increment, largest_exponent_keeping_ess, normalised_ess
 
@@ -139,10 +140,7 @@ class RefineOptions:
     def to_dict(self) -> dict:
         """Plain-dict form, as stored in checkpoints; no ``patience`` when unset, as checkpoints written before it
         existed hold."""
-        values = dataclasses.asdict(self)
-        if self.patience is None:
-            del values["patience"]
-        return values
+        return without_later_settings(dataclasses.asdict(self), {"patience": None})
 
 
 def importance_weights(flow: TarFlow, target, n: int, generator: torch.Generator, batch_size: int = 1024, processes=None):

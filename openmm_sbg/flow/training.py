@@ -28,6 +28,7 @@ from openmm_sbg.flow.fitting import Fit, OneProcess, Processes, feature_tensor, 
 from openmm_sbg.flow.model import TarFlow
 from openmm_sbg.flow.presets import FlowConfig, resolve_config
 from openmm_sbg.flow.symmetry import centred_std
+from openmm_sbg.resume import without_later_settings
 
 # Kinds of random stream (see openmm_sbg.flow.fitting), combined with the seed and an index into one generator seed.
 _BATCH_ORDER, _AUGMENT, _VALIDATION, _INIT = range(4)
@@ -97,11 +98,7 @@ class TrainOptions:
     def to_dict(self) -> dict:
         """Plain-dict form (lists, not tuples), as stored in checkpoints; no ``patience`` when unset, as
         checkpoints written before it existed hold."""
-        values = dataclasses.asdict(self)
-        values["betas"] = list(self.betas)
-        if self.patience is None:
-            del values["patience"]
-        return values
+        return without_later_settings({**dataclasses.asdict(self), "betas": list(self.betas)}, {"patience": None})
 
 
 def one_cycle_lr(step: int, total_steps: int, lr: float, warmup: float) -> float:
