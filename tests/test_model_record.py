@@ -15,7 +15,6 @@ model_record = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(model_record)
 
 
-
 def _record(name: str) -> dict:
     return json.loads(pathlib.Path(model_path(name)).with_suffix(".json").read_text())
 

@@ -19,7 +19,6 @@ yourself: the record describes the file named by ``--checkpoint``.
 import argparse
 import datetime
 import json
-import os
 import pathlib
 
 import torch
@@ -111,7 +110,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=pathlib.Path, required=True, help="the trained flow (.pt)")
     parser.add_argument("--evaluation", type=pathlib.Path, required=True, help="benchmarks/results/peptide_model-*.json")
     parser.add_argument("--md-summary", type=pathlib.Path, nargs="*", default=[],
-                        help="`openmm-sbg md --summary` files of the runs that made the training data")
+                        help="`openmm-sbg md --summary` files of the runs that made the training data; a run "
+                             "extended by rerunning holds its last invocation's wall-clock only: leave such runs out, and "
+                             "the record keeps the data_seconds it has")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="a prose field (what, command, data_note, machine, reference, or a note)")
     parser.add_argument("--out", type=pathlib.Path, help="record to write (default: openmm_sbg/models/NAME.json)")
