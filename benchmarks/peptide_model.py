@@ -68,18 +68,20 @@ def summarise(runs: list[dict], reference: dict, independent: bool) -> dict:
 
 
 def table(results: dict) -> str:
+    samplers = [(label, key) for label, key in (("IS", "importance_sampling"), ("SMC", "smc")) if key in results]
     rows = ["| sampler | exact ESS | E-W2 (kT) | T-W2 | log Z | wall-clock (s) |", "|---|---|---|---|---|---|"]
-    for label, key in (("IS", "importance_sampling"), ("SMC", "smc")):
+    for label, key in samplers:
         s = results[key]
         sd = lambda name: f" ± {s[name + '_sd']:.2f}" if s.get(name + "_sd") is not None else ""  # noqa: E731
         rows.append(f"| {label} ({s['label']}) | {s['ess']:.3f} | {s['energy_w2_kT']:.2f}{sd('energy_w2_kT')} | "
                     f"{s['torus_w2']:.2f}{sd('torus_w2')} | {s['log_z']:.2f} | {s['seconds']:.0f} |")
-    rows += ["", "| residue | state | reference | IS | z | SMC | z |", "|---|---|---|---|---|---|---|"]
+    rows += ["", "| residue | state | reference | " + " | ".join(f"{label} | z" for label, _ in samplers) + " |",
+             "|---|---|---|" + "---|---|" * len(samplers)]
     for r, residue in enumerate(results["reference"]["residues"]):
         for k, state in enumerate(populations.BACKBONE_STATES):
             ref = results["reference"]
             cells = [f"{ref['populations'][r][k]:.3f} ± {ref['standard_errors'][r][k]:.3f}"]
-            for key in ("importance_sampling", "smc"):
+            for _, key in samplers:
                 row = results[key]["residues"][r]
                 cells += [f"{row['populations'][k]:.3f} ± {row['errors'][k]:.3f}", f"{row['z'][k]:+.1f}"]
             rows.append(f"| {residue} | {state} | " + " | ".join(cells) + " |")
@@ -98,9 +100,12 @@ def main() -> None:
     parser.add_argument("--smc-steps", type=int, default=50)
     parser.add_argument("--smc-seeds", type=int, default=2, help="SMC repeats (two or more: their spread is the error)")
     parser.add_argument("--folder", default=None, help="where the samples files go (default: a temporary folder)")
+    parser.add_argument("--is-only", action="store_true",
+                        help="importance sampling alone, printed and not written: screens a candidate flow before "
+                             "its SMC runs")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = parser.parse_args()
-    if args.smc_seeds < 2:
+    if args.smc_seeds < 2 and not args.is_only:
         parser.error("--smc-seeds must be 2 or more: SMC's population errors are the spread over its seeds")
 
     target = systems.get(args.system)
@@ -113,20 +118,22 @@ def main() -> None:
                             {**INDEPENDENT_PROPOSALS, "n_steps": 0, "resample_at_end": False, "n_particles": args.proposals})
         smc = [scored(target, flow, args.reference, folder, "smc", seed,
                       {"n_particles": args.smc_particles, "n_steps": args.smc_steps, "kernel": "mala", "resample_at_end": False})
-               for seed in range(args.smc_seeds)]
+               for seed in range(0 if args.is_only else args.smc_seeds)]
     results = {
         "system": args.system, "flow": args.flow, "reference": reference, "machine": machine(),
         "command": command_line("peptide_model.py", None),
         "importance_sampling": {**summarise([importance], reference, independent=True), "label": f"{args.proposals:,} proposals"},
-        "smc": {**summarise(smc, reference, independent=False),
-                "label": f"{args.smc_particles:,} particles, {args.smc_steps} MALA steps, {args.smc_seeds} seeds"},
     }
+    if smc:
+        results["smc"] = {**summarise(smc, reference, independent=False),
+                          "label": f"{args.smc_particles:,} particles, {args.smc_steps} MALA steps, {args.smc_seeds} seeds"}
     text = (f"Machine: {results['machine']}\n\nCommand: `{results['command']}`. Flow `{args.flow}`; reference "
             f"`{os.path.basename(args.reference)}`, all {reference['frames_used']:,} target-temperature frames after "
             f"{args.burn_in_ps} ps of each of its {args.copies} copies for the populations (errors over copies), every "
             "frame for E-W2 and T-W2. IS populations carry bootstrap errors, SMC's the error over seeds; z is the "
             "difference in combined standard errors.\n\n" + table(results))
-    publish(results, f"peptide_model-{args.system}.json", f"### Peptide model, {args.system}", text, write=not args.no_write)
+    publish(results, f"peptide_model-{args.system}.json", f"### Peptide model, {args.system}", text,
+            write=not (args.no_write or args.is_only))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Batched Langevin walkers and in-batch replica exchange: OpenMM's scheme, exact toys, resume, CLI."""
 
 import dataclasses
+import json
+
 import h5py
 import numpy as np
 import openmm
@@ -225,6 +227,23 @@ def test_batched_md_resumes_to_the_same_file(ad2, tmp_path):
     run_batched_md(ad2, resumed, CONFIG, 3, progress=False)
     np.testing.assert_array_equal(data.load_positions(whole, ad2), data.load_positions(resumed, ad2))
     np.testing.assert_array_equal(data.read_metadata(whole)["energies_kT"], data.read_metadata(resumed)["energies_kT"])
+
+
+def test_a_resumed_batched_run_adds_up_the_wall_clock_of_its_calls(ad2, tmp_path):
+    out = str(tmp_path / "md.h5")
+    progress_file = tmp_path / "md.h5.work" / "progress.json"
+    stopped = run_batched_md(ad2, out, CONFIG, 2, progress=False, stop_after_frames=4)
+    committed = json.loads(progress_file.read_text())["wall_s"]  # to the last commit; later work is redone
+    assert 0 < committed <= stopped.wall_s and stopped.run_wall_s == stopped.wall_s
+    finished = run_batched_md(ad2, out, CONFIG, 2, progress=False)
+    assert finished.run_wall_s == pytest.approx(committed + finished.wall_s, rel=1e-12)
+    # A run begun before the wall-clock was kept says it does not know the whole run's.
+    older = str(tmp_path / "older.h5")
+    run_batched_md(ad2, older, CONFIG, 2, progress=False, stop_after_frames=4)
+    older_progress = tmp_path / "older.h5.work" / "progress.json"
+    older_progress.write_text(json.dumps({k: v for k, v in json.loads(older_progress.read_text()).items() if k != "wall_s"}))
+    resumed = run_batched_md(ad2, older, CONFIG, 2, progress=False)
+    assert resumed.status == "complete" and resumed.run_wall_s is None and resumed.wall_s > 0
 
 
 def test_batched_runs_integrate_on_one_cpu_thread_unless_told(ad2, tmp_path, monkeypatch):

@@ -58,3 +58,21 @@ def test_settings_need_key_and_value():
     assert model_record.parse_settings(["machine=2 cores=shared"]) == {"machine": "2 cores=shared"}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         model_record.parse_settings(["machine"])
+
+
+def test_training_time_counts_every_flow_a_fit_started_from():
+    chain = {"train_seconds": 10.0, "started_from": {"train_seconds": 100.0, "started_from": {"train_seconds": 1000.0}}}
+    assert model_record.total_train_seconds(chain) == 1110.0
+    assert model_record.total_train_seconds({"train_seconds": 5.0}) == 5.0
+
+
+def test_data_time_spans_every_call_of_a_resumed_run(tmp_path):
+    resumed = tmp_path / "resumed.json"  # wall_s: the last call only
+    resumed.write_text(json.dumps({"status": "complete", "wall_s": 30.0, "run_wall_s": 300.0}))
+    older = tmp_path / "older.json"  # written before run_wall_s was kept
+    older.write_text(json.dumps({"status": "complete", "wall_s": 40.0}))
+    assert model_record.data_seconds([resumed, older]) == 340.0
+    unfinished = tmp_path / "unfinished.json"
+    unfinished.write_text(json.dumps({"status": "interrupted", "wall_s": 1.0, "run_wall_s": 1.0}))
+    with pytest.raises(SystemExit, match="unfinished"):
+        model_record.data_seconds([unfinished])

@@ -209,3 +209,67 @@ def test_settings_added_later_are_stored_only_when_set():
     for options in (TrainOptions, RefineOptions):
         assert "patience" not in options().to_dict()
         assert options(patience=3).to_dict()["patience"] == 3
+
+
+def test_a_fit_started_from_a_trained_flow_goes_on_from_its_weights_and_coordinates(tmp_path, ad2):
+    from openmm_sbg.flow.training import weights_fingerprint
+
+    frames = thermal_frames(ad2, 200)
+    config = FlowConfig(width=32, n_blocks=2, layers_per_block=1, heads=1, representation="internal")
+    first = train(frames[:160], frames[160:], target=ad2, config=config,
+                  options=TrainOptions(steps=10, batch_size=32, lr=3e-3), progress=False)
+    first_weights = {key: value.clone() for key, value in first.state_dict().items()}
+    # Wider frames fit other coordinate scales, which the first flow's weights do not assume.
+    wider = thermal_frames(ad2, 160, sigma=0.02, seed=1)
+    # 5 steps per epoch; the last weights, as the best on the narrower validation frames may be the first flow's own.
+    options = TrainOptions(steps=6, batch_size=32, lr=1e-3, select_best=False)
+    fresh = train(wider, frames[160:], target=ad2, config=config, options=options, progress=False)
+    assert not torch.allclose(fresh.representation.scale, first.representation.scale, rtol=0.1)
+    kwargs = dict(target=ad2, initial=first, options=options, progress=False)
+    second = train(wider, frames[160:], checkpoint_path=tmp_path / "second.pt", **kwargs)
+    # Step 0 scores the first flow itself: same weights, same coordinates, same validation frames and noise.
+    assert second.metadata["history"][0]["val_nll_per_dim"] == pytest.approx(first.metadata["val_nll_per_dim"], abs=1e-6)
+    for key, value in first.representation.state_dict().items():
+        torch.testing.assert_close(second.representation.state_dict()[key], value, atol=0, rtol=0)
+    assert second.config == first.config and second.metadata["steps"] == 6
+    assert any(not torch.equal(second.state_dict()[key], value) for key, value in first_weights.items())
+    for key, value in first_weights.items():  # the flow started from is not touched
+        torch.testing.assert_close(first.state_dict()[key], value, atol=0, rtol=0)
+    started = second.metadata["started_from"]
+    assert started["weights_sha1"] == weights_fingerprint(first) and started["steps"] == 10
+    assert TarFlow.load(tmp_path / "second.pt", target=ad2).metadata["started_from"] == started
+
+    # An interrupted started fit resumes to the same flow; from another flow, or from random weights, it does not resume.
+    def interrupt(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(wider, frames[160:], checkpoint_path=path, callback=interrupt, **kwargs)
+    with pytest.raises(ValueError, match="initial_sha1"):
+        train(wider, frames[160:], checkpoint_path=path, **dict(kwargs, initial=fresh))
+    with pytest.raises(ValueError, match="initial_sha1"):
+        train(wider, frames[160:], checkpoint_path=path, **dict(kwargs, initial=None, config=config))
+    resumed = train(wider, frames[160:], checkpoint_path=path, **kwargs)
+    for key, value in second.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=0, rtol=0)
+    # Another architecture beside the flow is refused by name.
+    with pytest.raises(ValueError, match="architecture"):
+        train(wider, frames[160:], **dict(kwargs, config=TINY))
+
+
+def test_cli_train_starts_from_a_flow_and_refuses_sizes_beside_it(tmp_path, ad2, capsys):
+    data = md_file(tmp_path, ad2, 60)
+    first = tmp_path / "first.pt"
+    common = ["train", "ad2", "--data", str(data), "--steps", "2", "--batch-size", "8", "--no-progress"]
+    assert cli.main([*common, "--out", str(first), "--width", "32", "--blocks", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main([*common, "--out", str(tmp_path / "second.pt"), "--start-from", str(first)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["started_from"] == str(first) and (summary["width"], summary["blocks"]) == (32, 2)
+    assert summary["preset"] == "ad2-small"
+    assert cli.main([*common, "--out", str(tmp_path / "third.pt"), "--start-from", str(first), "--blocks", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "leave out --blocks" in err and "Traceback" not in err
+    assert not (tmp_path / "third.pt").exists()

@@ -32,7 +32,7 @@ PROSE = ("what", "command", "data_note", "machine", "reference")
 #: The record's field order; fields not named here (notes) follow, in their own order.
 ORDER = (
     "model", "what", "command", "data", "data_note", "data_seconds", "data_sha1", "preset", "spline_bins",
-    "parameters", "file_bytes", "steps", "selected_step", "stopped", "train_seconds", "val_nll_per_dim",
+    "parameters", "file_bytes", "started_from", "steps", "selected_step", "stopped", "train_seconds", "val_nll_per_dim",
     "machine", "reference", "evaluation", "importance_sampling", "smc",
 )
 
@@ -52,12 +52,22 @@ def training_fields(checkpoint: pathlib.Path) -> dict:
         "file_bytes": checkpoint.stat().st_size,
         "steps": metadata["steps"],
         "selected_step": metadata["selected_step"],
-        "train_seconds": round(metadata["train_seconds"], 1),
+        "train_seconds": round(total_train_seconds(metadata), 1),
         "val_nll_per_dim": metadata["val_nll_per_dim"],
     }
     if metadata.get("stopped"):
         fields["stopped"] = metadata["stopped"]
+    if "started_from" in metadata:  # a fit that went on from another flow (`train --start-from`)
+        started = metadata["started_from"]
+        fields["started_from"] = {"data": [pathlib.Path(path).name for path in started.get("data", [])],
+                                  "steps": started.get("steps"), "val_nll_per_dim": started.get("val_nll_per_dim")}
     return fields
+
+
+def total_train_seconds(metadata: dict) -> float:
+    """Training time of a flow and of every flow it was started from (``started_from``, nested)."""
+    started = metadata.get("started_from")
+    return metadata["train_seconds"] + (total_train_seconds(started) if started else 0.0)
 
 
 def evaluation_fields(result_file: pathlib.Path) -> dict:
@@ -79,7 +89,9 @@ def data_seconds(summaries: list[pathlib.Path]) -> float:
         summary = json.loads(path.read_text())
         if summary.get("status") != "complete":
             raise SystemExit(f"{path} is the summary of an unfinished MD run (status {summary.get('status')!r})")
-        total += float(summary["wall_s"])
+        # run_wall_s spans every invocation of a resumed or extended run; wall_s is the last one's alone.
+        whole_run = summary.get("run_wall_s")
+        total += float(summary["wall_s"] if whole_run is None else whole_run)
     return round(total, 1)
 
 
@@ -110,9 +122,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=pathlib.Path, required=True, help="the trained flow (.pt)")
     parser.add_argument("--evaluation", type=pathlib.Path, required=True, help="benchmarks/results/peptide_model-*.json")
     parser.add_argument("--md-summary", type=pathlib.Path, nargs="*", default=[],
-                        help="`openmm-sbg md --summary` files of the runs that made the training data; a run "
-                             "extended by rerunning holds its last invocation's wall-clock only: leave such runs out, and "
-                             "the record keeps the data_seconds it has")
+                        help="`openmm-sbg md --summary` files of the runs that made the training data. A summary "
+                             "without run_wall_s (written before it was kept) of a run resumed or extended by rerunning "
+                             "holds its last invocation's wall-clock only: leave such runs out, and the record keeps the "
+                             "data_seconds it has")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="a prose field (what, command, data_note, machine, reference, or a note)")
     parser.add_argument("--out", type=pathlib.Path, help="record to write (default: openmm_sbg/models/NAME.json)")

@@ -43,9 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="flow checkpoint to write (.pt); updated after every epoch")
     parser.add_argument(
-        "--preset", default="ad2-small", choices=preset_names(),
+        "--preset", default=None, choices=preset_names(),
         help="flow architecture (default ad2-small). The -small presets are sized for a CPU and use internal "
         "coordinates; the paper's presets (ad2, al3, ...) are Cartesian and sized for a GPU",
+    )
+    parser.add_argument(
+        "--start-from", metavar="FLOW", default=None,
+        help="trained flow checkpoint (or shipped model name) whose weights the fit starts from, with a new "
+        "learning-rate schedule over --data: a longer fit, or more data. Its architecture is kept (no --preset or "
+        "sizes)",
     )
     parser.add_argument("--representation", choices=REPRESENTATIONS, default=None,
                         help="what the flow models: internal (Z-matrix bonds, angles, dihedrals) or cartesian (the paper's); "
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from openmm_sbg import distributed
-    from openmm_sbg.flow import TrainOptions, get_preset, train
+    from openmm_sbg.flow import TarFlow, TrainOptions, get_preset, train
 
     train_function = train
     if distributed.is_launched():
@@ -124,17 +130,26 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.refine is not None:
+        if args.start_from is not None:
+            raise ValueError("--refine FLOW already starts from FLOW's weights: leave out --start-from")
         return _refine(args)
     if args.data is None:
         raise ValueError("train needs --data: the MD trajectories to fit (`openmm-sbg md` files or any files mdtraj reads)")
     target = target_from_args(args)
     from openmm_sbg.data import training_frames
 
+    flags = [("--preset", None), ("--representation", "representation"), *((flag, field) for flag, field, _ in _SIZES)]
+    given = {flag: field for flag, field in flags if getattr(args, flag[2:].replace("-", "_")) is not None}
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in given.items() if field is not None}
+    initial, preset = None, args.preset or "ad2-small"
+    if args.start_from is not None:
+        if given:
+            raise ValueError(f"--start-from keeps the architecture of {args.start_from!r}: leave out {', '.join(given)}")
+        initial = TarFlow.load(args.start_from, target=target, map_location=args.device)
+        config, preset = initial.config, initial.metadata.get("preset", "")
+    else:
+        config = dataclasses.replace(get_preset(preset), **overrides)
     train_positions, val_positions, held_out = training_frames(args.data, target, args.data_max_temperature)
-    config = get_preset(args.preset)
-    overrides = {"representation": args.representation,
-                 **{field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _SIZES}}
-    config = dataclasses.replace(config, **{field: value for field, value in overrides.items() if value is not None})
     options = TrainOptions(
         epochs=args.epochs,
         steps=args.steps,
@@ -154,12 +169,13 @@ def run(args: argparse.Namespace) -> dict:
         val_positions,
         target=target,
         config=config,
+        initial=initial,
         options=options,
         checkpoint_path=args.out,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,
-        metadata={"data": [os.fspath(path) for path in args.data], "validation": held_out, "preset": args.preset},
+        metadata={"data": [os.fspath(path) for path in args.data], "validation": held_out, "preset": preset},
         compile=args.compile,
     )
     record = flow.metadata
@@ -167,7 +183,8 @@ def run(args: argparse.Namespace) -> dict:
         "out": os.fspath(args.out),
         "system": target.name,
         "n_atoms": flow.n_atoms,
-        "preset": args.preset,
+        "preset": preset,
+        **({"started_from": os.fspath(args.start_from)} if initial is not None else {}),
         "representation": config.representation,
         "width": config.width,
         "blocks": config.n_blocks,

@@ -82,6 +82,7 @@ class BatchedRunResult:
     simulated_ns_per_walker: float
     simulated_ns_total: float
     wall_s: float
+    """Wall-clock of this call."""
     steps_per_s: float | None
     """Aggregate walker-steps per second in this call."""
     ns_per_day: float | None
@@ -95,6 +96,9 @@ class BatchedRunResult:
     all_replicas: str | None = None
     work_dir: str | None = None
     """The run's progress folder: resume an interrupted run, or extend a complete one, from it."""
+    run_wall_s: float | None = None
+    """Wall-clock of the whole run: each earlier call's up to its last committed chunk, and this call's; None for
+    a run begun before this was recorded."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,7 +240,7 @@ class _Run:
             start = start.value_in_unit(unit.nanometer)
         start = np.asarray(start, dtype=np.float64).reshape(-1, self.target.n_atoms, 3)
         positions = start[np.arange(self.n_walkers) % len(start)]
-        progress = {"settings": self.settings, "frames_done": 0, "chunks_done": 0, "kinetic_ratio_sum": 0.0}
+        progress = {"settings": self.settings, "frames_done": 0, "chunks_done": 0, "kinetic_ratio_sum": 0.0, "wall_s": 0.0}
         return self._engine(positions), progress
 
     # ------------------------------------------------------------------ dynamics
@@ -266,6 +270,7 @@ class _Run:
         frame_bytes = self.n_walkers * target.n_atoms * 12
         per_chunk = max(1, min(config.frames_per_checkpoint, CHUNK_BYTES // frame_bytes))
         first_step, wall_start = engine.step_count, time.perf_counter()
+        earlier_wall = progress.get("wall_s")  # of the calls before this one, to their last commit
         bar = tqdm(total=config.n_frames, initial=min(progress["frames_done"], config.n_frames), unit="frame",
                    desc=f"md ({self.n_walkers} walkers)", disable=not show_progress)
         while progress["frames_done"] < config.n_frames:
@@ -286,15 +291,18 @@ class _Run:
             if not np.all(np.isfinite(chunk["energies"])):
                 raise RuntimeError("MD blew up (non-finite energy); check the structure and force field, or lower the timestep")
             progress["frames_done"] += n_chunk
+            if earlier_wall is not None:
+                progress["wall_s"] = earlier_wall + time.perf_counter() - wall_start
             self._commit(progress["chunks_done"], chunk, engine, {**progress, "chunks_done": progress["chunks_done"] + 1})
             progress["chunks_done"] += 1
             if stop_after_frames is not None and stop_after_frames <= progress["frames_done"] < config.n_frames:
                 bar.close()
-                return self._result("interrupted", None, progress["frames_done"], engine, progress, first_step, wall_start)
+                return self._result("interrupted", None, progress["frames_done"], engine, progress, first_step, wall_start,
+                                    earlier_wall)
         bar.close()
         wall = time.perf_counter() - wall_start
         written = self._write(progress["chunks_done"], all_replicas)
-        return self._result("complete", written, None, engine, progress, first_step, wall_start, wall)
+        return self._result("complete", written, None, engine, progress, first_step, wall_start, earlier_wall, wall)
 
     # ------------------------------------------------------------------ output
     def _write(self, n_chunks: int, all_replicas: bool) -> tuple[str, int, str | None]:
@@ -325,7 +333,8 @@ class _Run:
                              time_ps=times[every_frame], extra={"walker": every})
         return self.out, len(low), all_out
 
-    def _result(self, status, written, frames_done, engine, progress, first_step, wall_start, wall=None) -> BatchedRunResult:
+    def _result(self, status, written, frames_done, engine, progress, first_step, wall_start, earlier_wall,
+                wall=None) -> BatchedRunResult:
         wall = time.perf_counter() - wall_start if wall is None else wall
         steps = (engine.step_count - first_step) * self.n_walkers
         ns_per_walker = (progress["frames_done"] if frames_done is None else frames_done)
@@ -334,6 +343,7 @@ class _Run:
         return BatchedRunResult(
             status=status, out=out, frames=frames, walkers=self.n_walkers, temperatures_K=list(self.ladder),
             simulated_ns_per_walker=ns_per_walker, simulated_ns_total=ns_per_walker * self.n_walkers, wall_s=wall,
+            run_wall_s=None if earlier_wall is None else earlier_wall + wall,
             steps_per_s=steps / wall if steps and wall > 0 else None,
             ns_per_day=steps * self.config.timestep_fs * 1e-6 / wall * 86400 if steps and wall > 0 else None,
             kinetic_temperature_ratio=progress["kinetic_ratio_sum"] / max(1, progress["frames_done"]),

@@ -13,6 +13,7 @@ never stopped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import math
@@ -119,7 +120,8 @@ def train(
     val_positions=None,
     *,
     target=None,
-    config: FlowConfig | str | dict = "ad2-small",
+    config: FlowConfig | str | dict | None = None,
+    initial: TarFlow | None = None,
     options: TrainOptions | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -142,7 +144,13 @@ def train(
         The :class:`~openmm_sbg.BoltzmannTarget` the data samples; stored in the checkpoint
         so the flow can be checked against and rebuild its molecule.
     config
-        Flow architecture: preset name, :class:`FlowConfig` or dict.
+        Flow architecture: preset name, :class:`FlowConfig` or dict (default ``"ad2-small"``,
+        or ``initial``'s).
+    initial
+        A trained flow to start from instead of random weights: a new learning-rate schedule
+        over these frames (a longer fit, or more data). Its architecture and its coordinate
+        statistics (internal coordinates' cuts, centres and scales; the Cartesian scale) are
+        kept, since its weights assume them; the frames must be of the same molecule.
     options
         :class:`TrainOptions` (paper defaults).
     checkpoint_path
@@ -178,7 +186,6 @@ def train(
         mode on ``device``; ``flow.metadata`` holds the training record.
     """
     options = options or TrainOptions()
-    config = resolve_config(config)
     train_positions = _as_frames(train_positions, "train_positions")
     if val_positions is None or len(val_positions) == 0:
         n_val = max(1, len(train_positions) // 10)
@@ -192,13 +199,17 @@ def train(
     if len(train_positions) < 1:
         raise ValueError("no training frames left after holding out validation frames; pass more data")
 
-    with torch.random.fork_rng(devices=[]):
-        # Seed the initial weights without touching the caller's global RNG.
-        torch.manual_seed(stream_seed(options.seed, _INIT, 0))
-        flow = TarFlow(config, n_atoms, target=target, std=centred_std(train_positions))
-    features.fit_representation(flow.representation, torch.as_tensor(train_positions))
+    if initial is None:
+        config = resolve_config("ad2-small" if config is None else config)
+        with torch.random.fork_rng(devices=[]):
+            # Seed the initial weights without touching the caller's global RNG.
+            torch.manual_seed(stream_seed(options.seed, _INIT, 0))
+            flow = TarFlow(config, n_atoms, target=target, std=centred_std(train_positions))
+        features.fit_representation(flow.representation, torch.as_tensor(train_positions))
+    else:
+        flow = _starting_flow(initial, config, n_atoms)
     run = TrainingRun(flow.to(device), train_positions, val_positions, options, parallel or OneProcess(),
-                      checkpoint_path, metadata, compile)
+                      checkpoint_path, metadata, compile, initial=initial)
     if checkpoint_path is not None and os.path.exists(checkpoint_path) and not overwrite:
         run.resume()
         if progress:
@@ -216,13 +227,16 @@ class TrainingRun(Fit):
                        "with different options, config or data")
 
     def __init__(self, flow: TarFlow, train_positions, val_positions, options: TrainOptions, processes: Processes,
-                 checkpoint_path, metadata: dict | None, compile: bool = False):
+                 checkpoint_path, metadata: dict | None, compile: bool = False, initial: TarFlow | None = None):
         self.metadata = metadata or {}
         # Shapes are fixed (one batch size), so one compiled graph serves every step.
         self.nll_per_dim = torch.compile(flow.nll_per_dim, dynamic=False) if compile else flow.nll_per_dim
         self.data_sha1 = fingerprint(train_positions, val_positions)
+        # A checkpoint written before fits could start from a flow holds no initial_sha1: None, as from random weights.
         settings = {"config": flow.config.to_dict(), "options": options.to_dict(), "data_sha1": self.data_sha1,
-                    "n_atoms": flow.n_atoms}
+                    "n_atoms": flow.n_atoms, "initial_sha1": None if initial is None else weights_fingerprint(initial)}
+        if initial is not None:
+            self.metadata = {**self.metadata, "started_from": _starting_record(initial)}
         # The representation's features, computed once in float64 for accuracy.
         self.y_train = feature_tensor(train_positions, flow)
         self.y_val = feature_tensor(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
@@ -290,6 +304,30 @@ class TrainingRun(Fit):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _starting_flow(initial: TarFlow, config, n_atoms: int) -> TarFlow:
+    """A trainable copy of ``initial``, checked against the frames and any ``config`` also given."""
+    if initial.n_atoms != n_atoms:
+        raise ValueError(f"the flow to start from has {initial.n_atoms} atoms but the data has {n_atoms} per frame")
+    if config is not None and resolve_config(config) != initial.config:
+        raise ValueError(f"the flow to start from has the architecture {initial.config}, not {resolve_config(config)}: "
+                         "leave the architecture out (it is the flow's) or train from random weights")
+    flow = copy.deepcopy(initial).train().requires_grad_(True)  # a trained flow is handed out frozen
+    flow.metadata = {}
+    return flow
+
+
+def _starting_record(initial: TarFlow) -> dict:
+    """What the record of a fit keeps of the flow it started from: its data, fit length and score."""
+    record = initial.metadata
+    keys = ("data", "steps", "train_seconds", "val_nll_per_dim", "data_sha1", "started_from")
+    return {"weights_sha1": weights_fingerprint(initial), **{key: record[key] for key in keys if key in record}}
+
+
+def weights_fingerprint(flow: TarFlow) -> str:
+    """SHA-1 of a flow's weights and buffers: tells a resumed run whether it starts from the same flow."""
+    return fingerprint(*(value.detach().cpu().numpy() for value in flow.state_dict().values()))
+
+
 def _as_frames(positions, name: str) -> np.ndarray:
     array = np.asarray(positions, dtype=np.float64)
     if array.ndim != 3 or array.shape[-1] != 3:
