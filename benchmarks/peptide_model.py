@@ -17,7 +17,7 @@ import os
 import tempfile
 
 import numpy as np
-from _common import Timer, command_line, machine, publish
+from _common import command_line, machine, publish
 from reference_check import one_run
 
 from openmm_sbg import populations, systems
@@ -28,14 +28,23 @@ from openmm_sbg.smc import SMCResult
 from openmm_sbg.smc.options import INDEPENDENT_PROPOSALS
 
 
-def scored(target, flow, reference: str, folder: str, name: str, seed: int, options: dict) -> dict:
-    """One sampler run, written to ``folder`` and scored against every frame of ``reference``."""
+def scored(target, flow, reference: str, folder: str, name: str, seed: int, options: dict, max_samples: int,
+           rescore: bool) -> dict:
+    """One sampler run, written to ``folder`` (or, ``rescore``, read from it) and scored against every frame of
+    ``reference``."""
     out = os.path.join(folder, f"{name}-{seed}.h5")
-    with Timer() as clock:
+    if not rescore:
         sample(target, flow, out, seed=seed, restart=True, progress=True, **options)
-    metrics = evaluate(SMCResult.load(out), reference, all_frames=True, seed=seed, target=target)
+    elif not os.path.exists(out):
+        raise SystemExit(f"--rescore: {out} does not exist; run without --rescore to draw it")
+    samples = SMCResult.load(out)
+    drawn = {key: samples.info.get(key) for key in ("n_particles", "n_steps", "seed")}
+    wanted = {"n_particles": options["n_particles"], "n_steps": options["n_steps"], "seed": seed}
+    if drawn != wanted:
+        raise SystemExit(f"--rescore: {out} was drawn with {drawn}, this command asks for {wanted}")
+    metrics = evaluate(samples, reference, all_frames=True, max_samples=max_samples, seed=seed, target=target)
     residues = metrics["states"]["residues"]
-    return {"seed": seed, "seconds": clock.seconds, "ess": metrics["ess"], "energy_w2_kT": metrics["energy_w2_kT"],
+    return {"seed": seed, "seconds": samples.info["seconds"], "ess": metrics["ess"], "energy_w2_kT": metrics["energy_w2_kT"],
             "torus_w2": metrics["torus_w2"], "log_z": metrics["log_z"],
             "populations": [r["samples"] for r in residues],
             "bootstrap_errors": [r["samples_bootstrap_error"] for r in residues]}
@@ -100,6 +109,12 @@ def main() -> None:
     parser.add_argument("--smc-steps", type=int, default=50)
     parser.add_argument("--smc-seeds", type=int, default=2, help="SMC repeats (two or more: their spread is the error)")
     parser.add_argument("--folder", default=None, help="where the samples files go (default: a temporary folder)")
+    parser.add_argument("--max-samples", type=int, default=10_000,
+                        help="samples per set in T-W2 (a weighted set is resampled to this many by weight); default "
+                             "10,000, the paper's")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the samples files already in --folder (drawn by this command) instead of drawing "
+                             "them again: a change of metric settings costs no sampling")
     parser.add_argument("--is-only", action="store_true",
                         help="importance sampling alone, printed and not written: screens a candidate flow before "
                              "its SMC runs")
@@ -107,17 +122,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.smc_seeds < 2 and not args.is_only:
         parser.error("--smc-seeds must be 2 or more: SMC's population errors are the spread over its seeds")
+    if args.rescore and args.folder is None:
+        parser.error("--rescore reads the samples files of an earlier run: give its --folder")
 
     target = systems.get(args.system)
     flow = TarFlow.load(args.flow, target=target)
-    reference, _ = one_run(args.reference, args.copies, args.burn_in_ps)
+    reference, _ = one_run(args.reference, args.copies, args.burn_in_ps, args.max_samples)
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.folder or scratch
         os.makedirs(folder, exist_ok=True)
+        scoring = {"max_samples": args.max_samples, "rescore": args.rescore}
         importance = scored(target, flow, args.reference, folder, "is", 0,
-                            {**INDEPENDENT_PROPOSALS, "n_steps": 0, "resample_at_end": False, "n_particles": args.proposals})
+                            {**INDEPENDENT_PROPOSALS, "n_steps": 0, "resample_at_end": False, "n_particles": args.proposals},
+                            **scoring)
         smc = [scored(target, flow, args.reference, folder, "smc", seed,
-                      {"n_particles": args.smc_particles, "n_steps": args.smc_steps, "kernel": "mala", "resample_at_end": False})
+                      {"n_particles": args.smc_particles, "n_steps": args.smc_steps, "kernel": "mala", "resample_at_end": False},
+                      **scoring)
                for seed in range(0 if args.is_only else args.smc_seeds)]
     results = {
         "system": args.system, "flow": args.flow, "reference": reference, "machine": machine(),
@@ -130,8 +150,8 @@ def main() -> None:
     text = (f"Machine: {results['machine']}\n\nCommand: `{results['command']}`. Flow `{args.flow}`; reference "
             f"`{os.path.basename(args.reference)}`, all {reference['frames_used']:,} target-temperature frames after "
             f"{args.burn_in_ps} ps of each of its {args.copies} copies for the populations (errors over copies), every "
-            "frame for E-W2 and T-W2. IS populations carry bootstrap errors, SMC's the error over seeds; z is the "
-            "difference in combined standard errors.\n\n" + table(results))
+            f"frame for E-W2 and T-W2 (T-W2 on {args.max_samples:,} samples per set). IS populations carry bootstrap "
+            "errors, SMC's the error over seeds; z is the difference in combined standard errors.\n\n" + table(results))
     publish(results, f"peptide_model-{args.system}.json", f"### Peptide model, {args.system}", text,
             write=not (args.no_write or args.is_only))
 

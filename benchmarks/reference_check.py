@@ -6,7 +6,8 @@ populations after ``--burn-in-ps`` of each copy, with the standard error over co
 torsion W2 of its first half of frames (copies) against its second, next to the same distance between
 two random halves of its frames: the floor that finite samples alone give, which a converged run's
 halves reach; for two files, the torsion W2 between them (and between random halves of the two
-pooled, its floor) and each population's difference in combined standard errors (z).
+pooled, its floor) and each population's difference in combined standard errors (z). T-W2 is
+computed on at most 10,000 frames per set (``--max-samples``), the paper's count.
 
 Run: ``nice python benchmarks/reference_check.py --copies 8 --burn-in-ps 100 a.h5 b.h5``; writes
 ``results/reference_check-<name of the first file>.json``.
@@ -26,7 +27,7 @@ from openmm_sbg import metrics, populations
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def one_run(path: str, copies: int, burn_in_frames: int) -> tuple[dict, np.ndarray]:
+def one_run(path: str, copies: int, burn_in_frames: int, max_samples: int = 10_000) -> tuple[dict, np.ndarray]:
     traj = mdtraj.load(path)
     if traj.n_frames % copies:
         raise SystemExit(f"{path}: {traj.n_frames} frames do not split into {copies} copies")
@@ -40,16 +41,16 @@ def one_run(path: str, copies: int, burn_in_frames: int) -> tuple[dict, np.ndarr
     return {
         "file": path, "residues": names, "states": list(populations.BACKBONE_STATES), "frames_used": int(len(keep)),
         "populations": shares.mean(0).tolist(), "standard_errors": (shares.std(0, ddof=1) / np.sqrt(copies)).tolist(),
-        "torus_w2_half_vs_half": metrics.torus_w2(angles[:half], angles[half:]),
-        "torus_w2_random_halves": random_halves_w2(angles),
+        "torus_w2_half_vs_half": metrics.torus_w2(angles[:half], angles[half:], max_samples=max_samples),
+        "torus_w2_random_halves": random_halves_w2(angles, max_samples),
     }, angles
 
 
-def random_halves_w2(angles: np.ndarray, seed: int = 0) -> float:
+def random_halves_w2(angles: np.ndarray, max_samples: int, seed: int = 0) -> float:
     """Torsion W2 between two random halves of ``angles``: what sampling noise alone gives at this size."""
     order = np.random.default_rng(seed).permutation(len(angles))
     half = len(angles) // 2
-    return metrics.torus_w2(angles[order[:half]], angles[order[half:]])
+    return metrics.torus_w2(angles[order[:half]], angles[order[half:]], max_samples=max_samples)
 
 
 def main() -> None:
@@ -57,15 +58,17 @@ def main() -> None:
     parser.add_argument("files", nargs="+")
     parser.add_argument("--copies", type=int, default=8, help="ladder copies (--walkers) of each run")
     parser.add_argument("--burn-in-ps", type=int, default=100, help="frames (1 ps apart) dropped at the start of each copy")
+    parser.add_argument("--max-samples", type=int, default=10_000,
+                        help="frames per set in T-W2 (larger sets are subsampled); default 10,000, the paper's")
     args = parser.parse_args()
-    runs, angles = zip(*(one_run(path, args.copies, args.burn_in_ps) for path in args.files))
-    report = {"runs": list(runs)}
+    runs, angles = zip(*(one_run(path, args.copies, args.burn_in_ps, args.max_samples) for path in args.files))
+    report = {"runs": list(runs), "torus_w2_max_samples": args.max_samples}
     if len(runs) == 2:
         p = [np.array(run["populations"]) for run in runs]
         e = [np.array(run["standard_errors"]) for run in runs]
         report["z_first_minus_second"] = ((p[0] - p[1]) / np.sqrt(e[0] ** 2 + e[1] ** 2 + 1e-300)).tolist()
-        report["torus_w2_run_vs_run"] = metrics.torus_w2(angles[0], angles[1])
-        report["torus_w2_run_vs_run_floor"] = random_halves_w2(np.concatenate(angles))
+        report["torus_w2_run_vs_run"] = metrics.torus_w2(angles[0], angles[1], max_samples=args.max_samples)
+        report["torus_w2_run_vs_run_floor"] = random_halves_w2(np.concatenate(angles), args.max_samples)
     os.makedirs(RESULTS, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.files[0]))[0]
     with open(os.path.join(RESULTS, f"reference_check-{name}.json"), "w") as handle:
