@@ -99,8 +99,12 @@ class MDRunResult(RunResult):
     simulated_ns: float | None = None
     platform: str | None = None
     wall_s: float | None = None
+    """Wall-clock of this call."""
     ns_per_day: float | None = None
     """Simulated ns per day of this call; ``None`` if it ran no steps."""
+    run_wall_s: float | None = None
+    """Wall-clock of the whole run: each earlier call's up to its last committed chunk, and this call's; None for
+    a run begun before this was recorded."""
 
 
 def split_labels(n_frames: int, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:
@@ -195,7 +199,7 @@ def run_md(
         openmm.LocalEnergyMinimizer.minimize(context, 10.0, 1000)
         context.setVelocitiesToTemperature(target.temperature, config.seed + 1)
         context.getIntegrator().step(config.equilibration_steps)
-        frames_done, chunks_done = 0, 0
+        frames_done, chunks_done, earlier_wall = 0, 0, 0.0
     else:
         saved = {k: state[k] for k in settings}
         # n_frames may change between calls: a run can be extended, or finished early with
@@ -211,6 +215,7 @@ def run_md(
                     f"resume on the platform it was written with (--platform), or delete the folder. ({err})"
                 ) from err
         frames_done, chunks_done = state["frames_done"], state["chunks_done"]
+        earlier_wall = state.get("wall_s")  # of the calls before this one, to their last commit
 
     integrator = context.getIntegrator()
     start = time.perf_counter()
@@ -230,7 +235,9 @@ def run_md(
         if not np.all(np.isfinite(energies)):
             raise RuntimeError("MD blew up (non-finite energy); check the structure and force field, or lower the timestep")
         frames_done += n_chunk
-        work.commit(chunks_done, xyz, energies, context, {**settings, "frames_done": frames_done, "chunks_done": chunks_done + 1})
+        run_wall = None if earlier_wall is None else earlier_wall + time.perf_counter() - start
+        work.commit(chunks_done, xyz, energies, context,
+                    {**settings, "frames_done": frames_done, "chunks_done": chunks_done + 1, "wall_s": run_wall})
         chunks_done += 1
         if stop_after_frames is not None and frames_done >= stop_after_frames and frames_done < config.n_frames:
             bar.close()
@@ -251,6 +258,7 @@ def run_md(
         platform=context.getPlatform().getName(),
         wall_s=wall,
         ns_per_day=ns_this_run / wall * 86400 if wall > 0 and steps_run else None,
+        run_wall_s=None if earlier_wall is None else earlier_wall + wall,
     )
 
 

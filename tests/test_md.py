@@ -1,5 +1,7 @@
 """openmm-sbg md: resumable runs, splits, and loading the data back."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -16,8 +18,11 @@ def test_interrupted_run_resumes_to_the_same_frames(ad2, tmp_path):
     run_md(ad2, whole, CONFIG, platform="Reference", progress=False)
     stopped = run_md(ad2, resumed, CONFIG, platform="Reference", progress=False, stop_after_frames=7)
     assert stopped.status == "interrupted" and not (tmp_path / "resumed.h5").exists()
+    committed = json.loads((tmp_path / "resumed.h5.work" / "progress.json").read_text())["wall_s"]
     summary = run_md(ad2, resumed, CONFIG, platform="Reference", progress=False)
     assert summary.frames == 24
+    # The whole run's wall-clock adds the first call's, to its last commit, to this call's.
+    assert committed > 0 and summary.run_wall_s == pytest.approx(committed + summary.wall_s, rel=1e-12)
     a, b = load_positions(whole, ad2), load_positions(resumed, ad2)
     assert a.shape == b.shape == (24, 22, 3)
     np.testing.assert_array_equal(a, b)  # the checkpoint carries the integrator's random state
