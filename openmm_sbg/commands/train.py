@@ -138,13 +138,16 @@ def run(args: argparse.Namespace) -> dict:
     target = target_from_args(args)
     from openmm_sbg.data import training_frames
 
+    # Each architecture flag given: (flag, the FlowConfig field it overrides or None, its value).
     flags = [("--preset", None), ("--representation", "representation"), *((flag, field) for flag, field, _ in _SIZES)]
-    given = {flag: field for flag, field in flags if getattr(args, flag[2:].replace("-", "_")) is not None}
-    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in given.items() if field is not None}
+    given = [(flag, field, value) for flag, field in flags
+             if (value := getattr(args, flag[2:].replace("-", "_"))) is not None]
+    overrides = {field: value for _, field, value in given if field is not None}
     initial, preset = None, args.preset or "ad2-small"
     if args.start_from is not None:
         if given:
-            raise ValueError(f"--start-from keeps the architecture of {args.start_from!r}: leave out {', '.join(given)}")
+            raise ValueError(f"--start-from keeps the architecture of {args.start_from!r}: leave out "
+                             f"{', '.join(flag for flag, _, _ in given)}")
         initial = TarFlow.load(args.start_from, target=target, map_location=args.device)
         config, preset = initial.config, initial.metadata.get("preset", "")
     else:

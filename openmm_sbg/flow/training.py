@@ -233,10 +233,11 @@ class TrainingRun(Fit):
         self.nll_per_dim = torch.compile(flow.nll_per_dim, dynamic=False) if compile else flow.nll_per_dim
         self.data_sha1 = fingerprint(train_positions, val_positions)
         # A checkpoint written before fits could start from a flow holds no initial_sha1: None, as from random weights.
+        initial_sha1 = None if initial is None else weights_fingerprint(initial)
         settings = {"config": flow.config.to_dict(), "options": options.to_dict(), "data_sha1": self.data_sha1,
-                    "n_atoms": flow.n_atoms, "initial_sha1": None if initial is None else weights_fingerprint(initial)}
+                    "n_atoms": flow.n_atoms, "initial_sha1": initial_sha1}
         if initial is not None:
-            self.metadata = {**self.metadata, "started_from": _starting_record(initial)}
+            self.metadata = {**self.metadata, "started_from": _starting_record(initial, initial_sha1)}
         # The representation's features, computed once in float64 for accuracy.
         self.y_train = feature_tensor(train_positions, flow)
         self.y_val = feature_tensor(val_positions[_evenly_spaced(len(val_positions), options.val_frames)], flow)
@@ -308,19 +309,18 @@ def _starting_flow(initial: TarFlow, config, n_atoms: int) -> TarFlow:
     """A trainable copy of ``initial``, checked against the frames and any ``config`` also given."""
     if initial.n_atoms != n_atoms:
         raise ValueError(f"the flow to start from has {initial.n_atoms} atoms but the data has {n_atoms} per frame")
-    if config is not None and resolve_config(config) != initial.config:
-        raise ValueError(f"the flow to start from has the architecture {initial.config}, not {resolve_config(config)}: "
+    config = None if config is None else resolve_config(config)
+    if config is not None and config != initial.config:
+        raise ValueError(f"the flow to start from has the architecture {initial.config}, not {config}: "
                          "leave the architecture out (it is the flow's) or train from random weights")
-    flow = copy.deepcopy(initial).train().requires_grad_(True)  # a trained flow is handed out frozen
-    flow.metadata = {}
-    return flow
+    return copy.deepcopy(initial).train().requires_grad_(True)  # a trained flow is handed out frozen
 
 
-def _starting_record(initial: TarFlow) -> dict:
+def _starting_record(initial: TarFlow, weights_sha1: str) -> dict:
     """What the record of a fit keeps of the flow it started from: its data, fit length and score."""
     record = initial.metadata
     keys = ("data", "steps", "train_seconds", "val_nll_per_dim", "data_sha1", "started_from")
-    return {"weights_sha1": weights_fingerprint(initial), **{key: record[key] for key in keys if key in record}}
+    return {"weights_sha1": weights_sha1, **{key: record[key] for key in keys if key in record}}
 
 
 def weights_fingerprint(flow: TarFlow) -> str:
