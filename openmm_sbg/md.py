@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 
 import h5py
 import mdtraj
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.io import atomic_path, atomic_write_text
-from openmm_sbg.resume import check_resume_settings
+from openmm_sbg.resume import RunClock, check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -218,7 +217,7 @@ def run_md(
         earlier_wall = state.get("wall_s")  # of the calls before this one, to their last commit
 
     integrator = context.getIntegrator()
-    start = time.perf_counter()
+    clock = RunClock(earlier_wall)
     steps_run = 0
     bar = tqdm(total=config.n_frames, initial=frames_done, unit="frame", desc="md", disable=not progress)
     while frames_done < config.n_frames:
@@ -235,15 +234,14 @@ def run_md(
         if not np.all(np.isfinite(energies)):
             raise RuntimeError("MD blew up (non-finite energy); check the structure and force field, or lower the timestep")
         frames_done += n_chunk
-        run_wall = None if earlier_wall is None else earlier_wall + time.perf_counter() - start
         work.commit(chunks_done, xyz, energies, context,
-                    {**settings, "frames_done": frames_done, "chunks_done": chunks_done + 1, "wall_s": run_wall})
+                    {**settings, "frames_done": frames_done, "chunks_done": chunks_done + 1, "wall_s": clock.whole_run()})
         chunks_done += 1
         if stop_after_frames is not None and frames_done >= stop_after_frames and frames_done < config.n_frames:
             bar.close()
             return MDRunResult(status="interrupted", out=None, frames=frames_done, work_dir=work.path)
     bar.close()
-    wall = time.perf_counter() - start
+    wall = clock.this_call()
 
     xyz, energies = (a[: config.n_frames] for a in work.load_frames(chunks_done))
     write_trajectory(out, target, xyz, energies, split_labels(len(xyz), config.split_fractions), config)
@@ -258,7 +256,7 @@ def run_md(
         platform=context.getPlatform().getName(),
         wall_s=wall,
         ns_per_day=ns_this_run / wall * 86400 if wall > 0 and steps_run else None,
-        run_wall_s=None if earlier_wall is None else earlier_wall + wall,
+        run_wall_s=clock.whole_run(wall),
     )
 
 

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 from openmm import unit
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from openmm_sbg.energy.openmm_backend import platform_by_name
 from openmm_sbg.io import atomic_write_text, read_json
 from openmm_sbg.md import MDConfig, RunResult, split_labels, write_trajectory
-from openmm_sbg.resume import check_resume_settings
+from openmm_sbg.resume import RunClock, check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
 
@@ -75,6 +74,10 @@ class ReplicaExchangeResult(RunResult):
     """Fraction of accepted swaps between each pair of neighbouring temperatures, over the whole run."""
     simulated_ns_per_replica: float | None = None
     wall_s: float | None = None
+    """Wall-clock of this call."""
+    run_wall_s: float | None = None
+    """Wall-clock of the whole run: each earlier call's up to its last iteration, and this call's; None for a run
+    begun before this was recorded."""
     iterations_this_call: int | None = None
     all_replicas: str | None = None
     """Every replica's frames (with ``all_replicas``)."""
@@ -120,6 +123,8 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
     work = out + ".work"
     storage = os.path.join(work, "replicas.nc")
     settings_file = os.path.join(work, "settings.json")
+    # openmmtools' storage is its own, so the run's wall-clock so far is kept beside it.
+    clock_file = os.path.join(work, "wall_clock.json")
     settings = {"config": dataclasses.asdict(config), "n_atoms": target.n_atoms, "name": target.name}
     settings["config"]["md"]["n_frames"] = None  # a run may be extended
     settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
@@ -151,11 +156,17 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
         sampler.minimize()
         atomic_write_text(settings_file, json.dumps(settings))
 
-    start, iterations_run = time.perf_counter(), 0
+    if os.path.exists(clock_file):
+        earlier_wall = read_json(clock_file)["wall_s"]
+    else:  # a new run, or one begun before its wall-clock was kept
+        earlier_wall = 0.0 if sampler.iteration == 0 else None
+    clock = RunClock(earlier_wall)
+    iterations_run = 0
     bar = tqdm(total=total, initial=sampler.iteration, unit="iteration", desc="replica exchange", disable=not progress)
     while sampler.iteration < total:
         sampler.extend(1)
         iterations_run += 1
+        atomic_write_text(clock_file, json.dumps({"wall_s": clock.whole_run()}))
         bar.update(1)
         recorded = sampler.iteration - config.equilibration_iterations
         if stop_after_frames is not None and recorded >= stop_after_frames and sampler.iteration < total:
@@ -163,7 +174,7 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
             reporter.close()
             return ReplicaExchangeResult(status="interrupted", out=None, frames=recorded, work_dir=work)
     bar.close()
-    wall = time.perf_counter() - start
+    wall = clock.this_call()
 
     frames, energies, replica_states = _read_frames(reporter, config, total)
     acceptance = _neighbour_acceptance(reporter)
@@ -180,6 +191,7 @@ def _run(target, out, config, platform, all_replicas, progress, stop_after_frame
         exchange_acceptance=acceptance,
         simulated_ns_per_replica=config.md.n_frames * config.md.steps_per_frame * config.md.timestep_fs * 1e-6,
         wall_s=wall,
+        run_wall_s=clock.whole_run(wall),
         iterations_this_call=iterations_run,
     )
     if all_replicas:

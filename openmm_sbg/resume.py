@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 
 def check_resume_settings(where: str, saved: dict, settings: dict,
@@ -37,3 +38,24 @@ def _differences(old, new, prefix: str = ""):
             yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
     elif old != new:
         yield prefix.rstrip("."), old, new
+
+
+class RunClock:
+    """Wall-clock of a resumable run over all its calls: the earlier calls' (to their last commit) plus this call's.
+
+    ``earlier`` is what the run's last commit stored, 0 for a new run, or ``None`` for a run begun
+    before its wall-clock was kept, whose whole time is then unknown. Each commit stores
+    :meth:`whole_run`, so a call that dies loses only the time since its last commit.
+    """
+
+    def __init__(self, earlier: float | None):
+        self.earlier, self._start = earlier, time.perf_counter()
+
+    def this_call(self) -> float:
+        return time.perf_counter() - self._start
+
+    def whole_run(self, this_call: float | None = None) -> float | None:
+        """The whole run's wall-clock so far (``this_call`` as measured, else now)."""
+        if self.earlier is None:
+            return None
+        return self.earlier + (self.this_call() if this_call is None else this_call)

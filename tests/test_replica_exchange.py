@@ -30,8 +30,11 @@ def test_interrupted_run_resumes_and_writes_the_lowest_replica(ad2, tmp_path):
     out = str(tmp_path / "re.h5")
     partial = run_replica_exchange(ad2, out, config, progress=False, stop_after_frames=3)
     assert partial.status == "interrupted" and partial.frames == 3
+    committed = json.loads((tmp_path / "re.h5.work" / "wall_clock.json").read_text())["wall_s"]
     summary = run_replica_exchange(ad2, out, config, progress=False, all_replicas=True)
     assert summary.status == "complete" and summary.frames == 6
+    # The whole run's wall-clock adds the first call's, to its last iteration, to this call's.
+    assert committed > 0 and summary.run_wall_s == pytest.approx(committed + summary.wall_s, rel=1e-12)
     assert summary.iterations_this_call == 3
     assert len(summary.exchange_acceptance) == 2 and all(0 <= a <= 1 for a in summary.exchange_acceptance)
     # The file is an `openmm-sbg md` file: frames, split and energies in kT at the target temperature.

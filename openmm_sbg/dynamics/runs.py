@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import time
 
 import numpy as np
 import openmm
@@ -47,7 +46,7 @@ from openmm_sbg.dynamics.langevin import (
 )
 from openmm_sbg.io import atomic_path, atomic_write_text, read_json
 from openmm_sbg.md import MDConfig, split_labels, write_trajectory
-from openmm_sbg.resume import check_resume_settings
+from openmm_sbg.resume import RunClock, check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
 #: Largest frame chunk kept in memory between checkpoints (bytes of float32 positions).
@@ -269,8 +268,8 @@ class _Run:
         engine, progress = self._start(start)
         frame_bytes = self.n_walkers * target.n_atoms * 12
         per_chunk = max(1, min(config.frames_per_checkpoint, CHUNK_BYTES // frame_bytes))
-        first_step, wall_start = engine.step_count, time.perf_counter()
-        earlier_wall = progress.get("wall_s")  # of the calls before this one, to their last commit
+        first_step = engine.step_count
+        clock = RunClock(progress.get("wall_s"))  # None for a run begun before the wall-clock was kept
         bar = tqdm(total=config.n_frames, initial=min(progress["frames_done"], config.n_frames), unit="frame",
                    desc=f"md ({self.n_walkers} walkers)", disable=not show_progress)
         while progress["frames_done"] < config.n_frames:
@@ -291,18 +290,16 @@ class _Run:
             if not np.all(np.isfinite(chunk["energies"])):
                 raise RuntimeError("MD blew up (non-finite energy); check the structure and force field, or lower the timestep")
             progress["frames_done"] += n_chunk
-            if earlier_wall is not None:
-                progress["wall_s"] = earlier_wall + time.perf_counter() - wall_start
+            progress["wall_s"] = clock.whole_run()
             self._commit(progress["chunks_done"], chunk, engine, {**progress, "chunks_done": progress["chunks_done"] + 1})
             progress["chunks_done"] += 1
             if stop_after_frames is not None and stop_after_frames <= progress["frames_done"] < config.n_frames:
                 bar.close()
-                return self._result("interrupted", None, progress["frames_done"], engine, progress, first_step, wall_start,
-                                    earlier_wall)
+                return self._result("interrupted", None, progress["frames_done"], engine, progress, first_step, clock)
         bar.close()
-        wall = time.perf_counter() - wall_start
+        wall = clock.this_call()
         written = self._write(progress["chunks_done"], all_replicas)
-        return self._result("complete", written, None, engine, progress, first_step, wall_start, earlier_wall, wall)
+        return self._result("complete", written, None, engine, progress, first_step, clock, wall)
 
     # ------------------------------------------------------------------ output
     def _write(self, n_chunks: int, all_replicas: bool) -> tuple[str, int, str | None]:
@@ -333,9 +330,9 @@ class _Run:
                              time_ps=times[every_frame], extra={"walker": every})
         return self.out, len(low), all_out
 
-    def _result(self, status, written, frames_done, engine, progress, first_step, wall_start, earlier_wall,
+    def _result(self, status, written, frames_done, engine, progress, first_step, clock: RunClock,
                 wall=None) -> BatchedRunResult:
-        wall = time.perf_counter() - wall_start if wall is None else wall
+        wall = clock.this_call() if wall is None else wall
         steps = (engine.step_count - first_step) * self.n_walkers
         ns_per_walker = (progress["frames_done"] if frames_done is None else frames_done)
         ns_per_walker = min(ns_per_walker, self.config.n_frames) * self.config.steps_per_frame * self.config.timestep_fs * 1e-6
@@ -343,7 +340,7 @@ class _Run:
         return BatchedRunResult(
             status=status, out=out, frames=frames, walkers=self.n_walkers, temperatures_K=list(self.ladder),
             simulated_ns_per_walker=ns_per_walker, simulated_ns_total=ns_per_walker * self.n_walkers, wall_s=wall,
-            run_wall_s=None if earlier_wall is None else earlier_wall + wall,
+            run_wall_s=clock.whole_run(wall),
             steps_per_s=steps / wall if steps and wall > 0 else None,
             ns_per_day=steps * self.config.timestep_fs * 1e-6 / wall * 86400 if steps and wall > 0 else None,
             kinetic_temperature_ratio=progress["kinetic_ratio_sum"] / max(1, progress["frames_done"]),
