@@ -74,6 +74,11 @@ class RunResult:
     """Frames in ``out`` (complete), or recorded so far (interrupted)."""
     work_dir: str | None = dataclasses.field(default=None, kw_only=True)
     """The progress folder an interrupted run resumes from."""
+    wall_s: float | None = dataclasses.field(default=None, kw_only=True)
+    """Wall-clock of this call."""
+    run_wall_s: float | None = dataclasses.field(default=None, kw_only=True)
+    """Wall-clock of the whole run (:class:`~openmm_sbg.resume.RunClock`): each earlier call's to its last commit,
+    and this call's; None for a run begun before this was recorded."""
 
     def to_dict(self) -> dict:
         """The fields a run with this status reports (an interrupted one: status, frames and work_dir)."""
@@ -97,13 +102,8 @@ class MDRunResult(RunResult):
 
     simulated_ns: float | None = None
     platform: str | None = None
-    wall_s: float | None = None
-    """Wall-clock of this call."""
     ns_per_day: float | None = None
     """Simulated ns per day of this call; ``None`` if it ran no steps."""
-    run_wall_s: float | None = None
-    """Wall-clock of the whole run: each earlier call's up to its last committed chunk, and this call's; None for
-    a run begun before this was recorded."""
 
 
 def split_labels(n_frames: int, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:

@@ -73,11 +73,6 @@ class ReplicaExchangeResult(RunResult):
     exchange_acceptance: list[float] | None = None
     """Fraction of accepted swaps between each pair of neighbouring temperatures, over the whole run."""
     simulated_ns_per_replica: float | None = None
-    wall_s: float | None = None
-    """Wall-clock of this call."""
-    run_wall_s: float | None = None
-    """Wall-clock of the whole run: each earlier call's up to its last iteration, and this call's; None for a run
-    begun before this was recorded."""
     iterations_this_call: int | None = None
     all_replicas: str | None = None
     """Every replica's frames (with ``all_replicas``)."""

@@ -96,8 +96,8 @@ class BatchedRunResult:
     work_dir: str | None = None
     """The run's progress folder: resume an interrupted run, or extend a complete one, from it."""
     run_wall_s: float | None = None
-    """Wall-clock of the whole run: each earlier call's up to its last committed chunk, and this call's; None for
-    a run begun before this was recorded."""
+    """Wall-clock of the whole run (:class:`~openmm_sbg.resume.RunClock`): each earlier call's to its last commit,
+    and this call's; None for a run begun before this was recorded."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
