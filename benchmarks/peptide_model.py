@@ -6,6 +6,12 @@ the target temperature): exact ESS, E-W2, T-W2, log Z, and every residue's backb
 populations next to the reference's, whose errors come from its ladder copies (as in
 ``reference_check.py``). z is the difference in combined standard errors.
 
+T-W2 rises as the number of samples falls (an empirical measure of fewer points is further from
+any other), so a sampler's T-W2 is only comparable at equal sample counts. ``--md-floor`` names an
+independent MD run of the same molecule (another replica-exchange run); each sampler's row then
+also gives that run's T-W2 against the reference, drawn at the sampler's own sample count: what
+long MD itself reaches with as many samples.
+
 Run: ``nice python benchmarks/peptide_model.py al4 --flow al4 --reference al4-re-82.h5 --copies 8``;
 writes ``results/peptide_model-<system>.json`` and the section "Peptide model, <system>" of RESULTS.md.
 """
@@ -16,11 +22,12 @@ import argparse
 import os
 import tempfile
 
+import mdtraj
 import numpy as np
 from _common import command_line, machine, publish
 from reference_check import one_run
 
-from openmm_sbg import populations, systems
+from openmm_sbg import metrics, populations, systems
 from openmm_sbg.evaluation import evaluate
 from openmm_sbg.flow import TarFlow
 from openmm_sbg.sampling import sample
@@ -48,6 +55,23 @@ def scored(target, flow, reference: str, folder: str, name: str, seed: int, opti
             "torus_w2": metrics["torus_w2"], "log_z": metrics["log_z"],
             "populations": [r["samples"] for r in residues],
             "bootstrap_errors": [r["samples_bootstrap_error"] for r in residues]}
+
+
+def md_floor(md_run: str, reference: str, sizes: set[int], max_samples: int, draws: int = 2) -> dict[int, float]:
+    """T-W2 of every frame of ``md_run`` against every frame of ``reference``, with ``md_run`` drawn down to each
+    of ``sizes`` frames (without replacement; the mean over ``draws`` draws)."""
+    angles = metrics.backbone_dihedrals(mdtraj.load(md_run))
+    reference_angles = metrics.backbone_dihedrals(mdtraj.load(reference))
+    floors = {}
+    for size in sorted(sizes):
+        if size > len(angles):
+            raise SystemExit(f"--md-floor: {md_run} has {len(angles):,} frames, fewer than the {size:,} samples to match")
+        rng = np.random.default_rng(size)
+        floors[size] = float(np.mean([
+            metrics.torus_w2(angles[rng.choice(len(angles), size, replace=False)], reference_angles,
+                             max_samples=max_samples, seed=draw)
+            for draw in range(draws)]))
+    return floors
 
 
 def against_reference(pops, errors, reference: dict) -> list[dict]:
@@ -78,12 +102,15 @@ def summarise(runs: list[dict], reference: dict, independent: bool) -> dict:
 
 def table(results: dict) -> str:
     samplers = [(label, key) for label, key in (("IS", "importance_sampling"), ("SMC", "smc")) if key in results]
-    rows = ["| sampler | exact ESS | E-W2 (kT) | T-W2 | log Z | wall-clock (s) |", "|---|---|---|---|---|---|"]
+    floors = "md_floor" in results
+    rows = ["| sampler | exact ESS | E-W2 (kT) | T-W2 |" + (" T-W2 of MD, as many samples |" if floors else "")
+            + " log Z | wall-clock (s) |", "|---|---|---|---|" + ("---|" if floors else "") + "---|---|"]
     for label, key in samplers:
         s = results[key]
         sd = lambda name: f" ± {s[name + '_sd']:.2f}" if s.get(name + "_sd") is not None else ""  # noqa: E731
+        floor = f" {s['md_floor_torus_w2']:.2f} ({s['samples_scored']:,}) |" if floors else ""
         rows.append(f"| {label} ({s['label']}) | {s['ess']:.3f} | {s['energy_w2_kT']:.2f}{sd('energy_w2_kT')} | "
-                    f"{s['torus_w2']:.2f}{sd('torus_w2')} | {s['log_z']:.2f} | {s['seconds']:.0f} |")
+                    f"{s['torus_w2']:.2f}{sd('torus_w2')} |{floor} {s['log_z']:.2f} | {s['seconds']:.0f} |")
     rows += ["", "| residue | state | reference | " + " | ".join(f"{label} | z" for label, _ in samplers) + " |",
              "|---|---|---|" + "---|---|" * len(samplers)]
     for r, residue in enumerate(results["reference"]["residues"]):
@@ -118,6 +145,9 @@ def main() -> None:
     parser.add_argument("--is-only", action="store_true",
                         help="importance sampling alone, printed and not written: screens a candidate flow before "
                              "its SMC runs")
+    parser.add_argument("--md-floor", default=None, metavar="RUN",
+                        help="an independent MD run of the molecule (not the reference): its T-W2 against the "
+                             "reference at each sampler's sample count is reported beside the sampler's")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = parser.parse_args()
     if args.smc_seeds < 2 and not args.is_only:
@@ -147,11 +177,20 @@ def main() -> None:
     if smc:
         results["smc"] = {**summarise(smc, reference, independent=False),
                           "label": f"{args.smc_particles:,} particles, {args.smc_steps} MALA steps, {args.smc_seeds} seeds"}
+    if args.md_floor:
+        samplers = [results[key] for key in ("importance_sampling", "smc") if key in results]
+        counts = [min(args.proposals, args.max_samples)] + ([min(args.smc_particles, args.max_samples)] if smc else [])
+        floors = md_floor(args.md_floor, args.reference, set(counts), args.max_samples)
+        results["md_floor"] = {"run": os.path.basename(args.md_floor), "torus_w2_by_samples": floors}
+        for sampler, count in zip(samplers, counts):
+            sampler.update(samples_scored=count, md_floor_torus_w2=floors[count])
     text = (f"Machine: {results['machine']}\n\nCommand: `{results['command']}`. Flow `{args.flow}`; reference "
             f"`{os.path.basename(args.reference)}`, all {reference['frames_used']:,} target-temperature frames after "
             f"{args.burn_in_ps} ps of each of its {args.copies} copies for the populations (errors over copies), every "
             f"frame for E-W2 and T-W2 (T-W2 on {args.max_samples:,} samples per set). IS populations carry bootstrap "
-            "errors, SMC's the error over seeds; z is the difference in combined standard errors.\n\n" + table(results))
+            "errors, SMC's the error over seeds; z is the difference in combined standard errors."
+            + (f" MD at as many samples: `{results['md_floor']['run']}`, every frame, drawn down to the sampler's "
+               "sample count (mean of two draws)." if args.md_floor else "") + "\n\n" + table(results))
     publish(results, f"peptide_model-{args.system}.json", f"### Peptide model, {args.system}", text,
             write=not (args.no_write or args.is_only))
 
