@@ -62,6 +62,10 @@ def evaluate(samples, reference_path: str, plots: str | None = None, all_frames:
         "reference_wrong_chirality_fraction": metrics.wrong_chirality_fraction(reference),
     }
     summary["states"] = state_summary(traj, reference, samples.log_weights, independent=independent_samples(samples))
+    folded = folded_summary(traj, reference, samples.log_weights, samples.info.get("system"),
+                            independent=independent_samples(samples))
+    if folded is not None:
+        summary["folded"] = folded
     on_reference = reference_states_comparison(traj, reference, samples.energies, reference_energies, weights, max_samples, seed)
     if on_reference is not None:
         summary["on_reference_states"] = on_reference
@@ -103,6 +107,34 @@ def reference_states_comparison(traj, reference, energies, reference_energies, w
             max_samples=max_samples, seed=seed,
         ),
     }
+
+
+def folded_summary(samples, reference, log_weights, system: str | None, independent: bool) -> dict | None:
+    """The folded fraction of the samples and of ``reference`` (mdtraj trajectories), for a built-in system that
+    has a folded structure (:func:`openmm_sbg.systems.folded_structure_path`); None for any other.
+
+    Folded: C-alpha RMSD to that structure at most :data:`openmm_sbg.metrics.FOLDED_CA_RMSD_NM`. The error is a
+    bootstrap error for independent samples and None otherwise, as in :func:`state_summary`.
+    """
+    import mdtraj
+
+    from openmm_sbg import metrics, populations, systems
+
+    path = systems.folded_structure_path(system) if system in systems.names() else None
+    if path is None:
+        return None
+    structure = mdtraj.load(path)
+    folded = (metrics.folded_ca_rmsd(samples, structure) <= metrics.FOLDED_CA_RMSD_NM).astype(int)
+    if independent:
+        fractions, errors = populations.bootstrap_populations(folded, 2, log_weights)
+        error = float(errors[1])
+    else:
+        fractions, error = populations.state_populations(folded, 2, log_weights), None
+    summary = {"rule": f"C-alpha RMSD to {os.path.basename(path)} <= {metrics.FOLDED_CA_RMSD_NM} nm",
+               "samples": float(fractions[1]), "samples_bootstrap_error": error}
+    if reference is not None:
+        summary["reference"] = float(np.mean(metrics.folded_ca_rmsd(reference, structure) <= metrics.FOLDED_CA_RMSD_NM))
+    return summary
 
 
 def independent_samples(samples) -> bool:

@@ -13,7 +13,8 @@ chignolin       GYDPETGTWG (138 atoms)  amber14-all + implicit/obc1             
 
 Every system is unconstrained (a Cartesian flow cannot represent constraints) and
 non-periodic. Starting structures ship as minimised PDB files built by
-``tools/build_structures.py``.
+``tools/build_structures.py``. Chignolin also ships its folded (native) structure, from the
+NMR structure PDB 1UAO, which its folded fraction is measured against (:func:`folded_structure_path`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def structure_path(name: str) -> str:
     """Path of the shipped starting structure (PDB) of a built-in system."""
     spec = _spec(name)
     return str(resources.files("openmm_sbg") / "structures" / f"{spec.pdb}.pdb")
+
+
+#: Built-in systems with a folded structure, and its file in ``structures/``.
+FOLDED_STRUCTURES = {"chignolin": "chignolin-folded"}
+
+
+def folded_structure_path(name: str) -> str | None:
+    """Path of the folded (native) structure of a built-in system, in its starting structure's atom order; None
+    for a system without one (the alanine peptides have no folded state)."""
+    _spec(name)
+    if name not in FOLDED_STRUCTURES:
+        return None
+    return str(resources.files("openmm_sbg") / "structures" / f"{FOLDED_STRUCTURES[name]}.pdb")
 
 
 def _spec(name: str) -> SystemSpec:

@@ -9,12 +9,23 @@ for the system's own force field, and energy-minimised. Run from the repository 
 
 ACE and NME caps are built as glycines whose extra atoms are removed: the ACE methyl
 carbon sits where the glycine CA was, the NME methyl carbon likewise.
+
+Chignolin's folded structure (``chignolin-folded.pdb``, the native state its folded fraction is
+measured against) comes from the NMR structure PDB 1UAO, model 1, which is not shipped here:
+
+    python tools/build_structures.py --folded-chignolin 1uao.pdb
+
+keeps its heavy atoms, adds hydrogens as above, puts the atoms in ``chignolin.pdb``'s order and
+minimises with chignolin's force field.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import pathlib
+
+import numpy as np
 
 import openmm
 from Bio.PDB import PDBIO
@@ -62,22 +73,58 @@ def build_backbone(sequence: str, capped: bool) -> app.Modeller:
     return modeller
 
 
-def main() -> None:
+def minimise_and_write(name: str, topology, positions, out: pathlib.Path, remarks: tuple[str, ...] = ()) -> None:
+    spec = SYSTEM_SPECS[name]
+    system = create_system(topology, spec.forcefield_files, spec.nonbonded_method, spec.cutoff)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 5000)
+    state = context.getState(positions=True, energy=True)
+    with open(out, "w") as handle:
+        for remark in remarks:
+            print(f"REMARK 999 {remark}", file=handle)
+        app.PDBFile.writeFile(topology, state.getPositions(), handle, keepIds=False)
+    energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    print(f"{out.name}: {topology.getNumAtoms()} atoms, minimised energy {energy:.1f} kJ/mol")
+
+
+def build_all() -> None:
     OUT.mkdir(exist_ok=True)
     for name, (sequence, capped) in SEQUENCES.items():
-        spec = SYSTEM_SPECS[name]
         modeller = build_backbone(sequence, capped)
-        forcefield = app.ForceField(*spec.forcefield_files)
-        modeller.addHydrogens(forcefield, pH=7.0)
-        system = create_system(modeller.topology, spec.forcefield_files, spec.nonbonded_method, spec.cutoff)
-        context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
-        context.setPositions(modeller.positions)
-        openmm.LocalEnergyMinimizer.minimize(context, 1.0, 5000)
-        state = context.getState(positions=True, energy=True)
-        with open(OUT / f"{name}.pdb", "w") as handle:
-            app.PDBFile.writeFile(modeller.topology, state.getPositions(), handle, keepIds=False)
-        energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-        print(f"{name}: {modeller.topology.getNumAtoms()} atoms, minimised energy {energy:.1f} kJ/mol")
+        modeller.addHydrogens(app.ForceField(*SYSTEM_SPECS[name].forcefield_files), pH=7.0)
+        minimise_and_write(name, modeller.topology, modeller.positions, OUT / f"{name}.pdb")
+
+
+def build_folded_chignolin(native: str) -> None:
+    """``chignolin-folded.pdb`` from an experimental chignolin structure (PDB 1UAO, model 1)."""
+    pdb = app.PDBFile(native)
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    peptide = next(modeller.topology.chains())  # the file may carry water and ions in chains of their own
+    modeller.delete([atom for atom in modeller.topology.atoms()
+                     if atom.residue.chain is not peptide or atom.element is None or atom.element.symbol == "H"])
+    modeller.addHydrogens(app.ForceField(*SYSTEM_SPECS["chignolin"].forcefield_files), pH=7.0)
+    built = {(atom.residue.index, atom.name): modeller.positions[atom.index].value_in_unit(unit.nanometer)
+             for atom in modeller.topology.atoms()}
+    extended = app.PDBFile(str(OUT / "chignolin.pdb"))
+    keys = [(atom.residue.index, atom.name) for atom in extended.topology.atoms()]
+    if sorted(keys) != sorted(built):
+        raise SystemExit(f"{native}: its atoms, with hydrogens added, are not chignolin.pdb's; give PDB 1UAO (GYDPETGTWG)")
+    positions = np.array([built[key] for key in keys]) * unit.nanometer
+    minimise_and_write("chignolin", extended.topology, positions, OUT / "chignolin-folded.pdb",
+                       ("chignolin folded: PDB 1UAO model 1 heavy atoms, hydrogens by OpenMM Modeller (pH 7),",
+                        "atoms in chignolin.pdb's order, minimised with amber14-all + implicit/obc1"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folded-chignolin", metavar="PDB",
+                        help="build chignolin-folded.pdb from this chignolin structure (PDB 1UAO) instead")
+    args = parser.parse_args()
+    if args.folded_chignolin:
+        build_folded_chignolin(args.folded_chignolin)
+    else:
+        build_all()
 
 
 if __name__ == "__main__":
