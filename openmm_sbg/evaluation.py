@@ -1,4 +1,4 @@
-"""Evaluation of weighted samples against reference MD: ESS, E-W2, T-W2, chirality, plots.
+"""Evaluation of weighted samples against reference MD: ESS, E-W2, T-W2, chirality, backbone states, folded fraction, plots.
 
 The library side of ``openmm-sbg evaluate``, used by the demo and :mod:`openmm_sbg.pipeline`.
 """
@@ -61,9 +61,9 @@ def evaluate(samples, reference_path: str, plots: str | None = None, all_frames:
         "wrong_chirality_fraction": metrics.wrong_chirality_fraction(traj, weights),
         "reference_wrong_chirality_fraction": metrics.wrong_chirality_fraction(reference),
     }
-    summary["states"] = state_summary(traj, reference, samples.log_weights, independent=independent_samples(samples))
-    folded = folded_summary(traj, reference, samples.log_weights, samples.info.get("system"),
-                            independent=independent_samples(samples))
+    independent = independent_samples(samples)
+    summary["states"] = state_summary(traj, reference, samples.log_weights, independent=independent)
+    folded = folded_summary(traj, reference, samples.log_weights, samples.info.get("system"), independent=independent)
     if folded is not None:
         summary["folded"] = folded
     on_reference = reference_states_comparison(traj, reference, samples.energies, reference_energies, weights, max_samples, seed)
