@@ -120,11 +120,15 @@ def folded_summary(samples, reference, log_weights, system: str | None, independ
 
     from openmm_sbg import metrics, populations, systems
 
-    path = systems.folded_structure_path(system) if system in systems.names() else None
-    if path is None:
+    if system not in systems.FOLDED_STRUCTURES:
         return None
+    path = systems.folded_structure_path(system)
     structure = mdtraj.load(path)
-    folded = (metrics.folded_ca_rmsd(samples, structure) <= metrics.FOLDED_CA_RMSD_NM).astype(int)
+
+    def is_folded(traj) -> np.ndarray:
+        return metrics.folded_ca_rmsd(traj, structure) <= metrics.FOLDED_CA_RMSD_NM
+
+    folded = is_folded(samples).astype(int)
     if independent:
         fractions, errors = populations.bootstrap_populations(folded, 2, log_weights)
         error = float(errors[1])
@@ -133,7 +137,7 @@ def folded_summary(samples, reference, log_weights, system: str | None, independ
     summary = {"rule": f"C-alpha RMSD to {os.path.basename(path)} <= {metrics.FOLDED_CA_RMSD_NM} nm",
                "samples": float(fractions[1]), "samples_bootstrap_error": error}
     if reference is not None:
-        summary["reference"] = float(np.mean(metrics.folded_ca_rmsd(reference, structure) <= metrics.FOLDED_CA_RMSD_NM))
+        summary["reference"] = float(np.mean(is_folded(reference)))
     return summary
 
 
