@@ -132,10 +132,15 @@ def folded_ca_rmsd(traj: mdtraj.Trajectory, folded: mdtraj.Trajectory) -> np.nda
     """C-alpha RMSD (nm) of every frame of ``traj`` to ``folded`` (a structure of the same molecule), after
     optimal superposition."""
     atoms = traj.topology.select("name CA")
-    if len(atoms) < 3 or [a.residue.name for a in traj.topology.atoms] != [a.residue.name for a in folded.topology.atoms]:
+    if len(atoms) < 3 or _atom_labels(traj) != _atom_labels(folded):
         raise ValueError(f"the folded structure ({folded.n_atoms} atoms) is not a structure of this molecule "
                          f"({traj.n_atoms} atoms, {len(atoms)} C-alpha); give one with the same atoms in the same order")
     return mdtraj.rmsd(traj, folded, atom_indices=atoms).astype(float)
+
+
+def _atom_labels(traj: mdtraj.Trajectory) -> list[tuple[str, str]]:
+    """(residue name, atom name) of every atom, in order: what two structures of one molecule share."""
+    return [(atom.residue.name, atom.name) for atom in traj.topology.atoms]
 
 
 def chirality_dihedrals(traj: mdtraj.Trajectory) -> np.ndarray:

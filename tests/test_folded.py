@@ -37,6 +37,19 @@ def test_a_structure_of_another_molecule_is_refused(structures):
         metrics.folded_ca_rmsd(al4, folded)
 
 
+
+def test_a_structure_with_its_atoms_in_another_order_is_refused(structures):
+    """Two atoms of one residue listed the other way round: the residue names still match atom by atom, the
+    atom names do not."""
+    _, folded = structures
+    table, bonds = folded.topology.to_dataframe()
+    table.iloc[[0, 1]] = table.iloc[[1, 0]].to_numpy()
+    reordered = mdtraj.Trajectory(folded.xyz[:, [1, 0, *range(2, folded.n_atoms)]],
+                                  mdtraj.Topology.from_dataframe(table, bonds))
+    with pytest.raises(ValueError, match="same atoms in the same order"):
+        metrics.folded_ca_rmsd(reordered, folded)
+
+
 def _toy(structures):
     """Three folded frames (the structure moved rigidly and jiggled by 0.005 nm) and two extended, and their weights."""
     extended, folded = structures
