@@ -21,7 +21,7 @@ DataResult = MDRunResult | ReplicaExchangeResult | BatchedRunResult
 def data_result_from_dict(values: dict) -> DataResult:
     """The data stage's result from its JSON form (each kind has its own keys)."""
     if "engine" in values:
-        return BatchedRunResult(**values)
+        return BatchedRunResult.from_dict(values)
     if "exchange_acceptance" in values:
         return ReplicaExchangeResult.from_dict(values)
     return MDRunResult.from_dict(values)

@@ -45,7 +45,7 @@ from openmm_sbg.dynamics.langevin import (
     system_masses,
 )
 from openmm_sbg.io import atomic_path, atomic_write_text, read_json
-from openmm_sbg.md import MDConfig, split_labels, write_trajectory
+from openmm_sbg.md import MDConfig, RunResult, split_labels, write_trajectory
 from openmm_sbg.resume import RunClock, check_resume_settings
 from openmm_sbg.target import BoltzmannTarget
 
@@ -68,20 +68,17 @@ class EngineOptions:
 
 
 @dataclasses.dataclass
-class BatchedRunResult:
-    """What a batched run did; :meth:`to_dict` is the command's JSON summary."""
+class BatchedRunResult(RunResult):
+    """What a batched run did; :meth:`to_dict` is the command's JSON summary.
 
-    status: str
-    """``"complete"``, or ``"interrupted"`` (``stop_after_frames``)."""
-    out: str | None
-    frames: int
-    """Frames in ``out`` (complete), or recorded per walker so far (interrupted)."""
+    ``frames`` counts recorded frames per walker while a run is interrupted, and ``work_dir`` is
+    kept for a complete run too: the same call with a larger frame count extends it from there.
+    """
+
     walkers: int
     temperatures_K: list[float]
     simulated_ns_per_walker: float
     simulated_ns_total: float
-    wall_s: float
-    """Wall-clock of this call."""
     steps_per_s: float | None
     """Aggregate walker-steps per second in this call."""
     ns_per_day: float | None
@@ -93,13 +90,9 @@ class BatchedRunResult:
     engine: str = "torch-batched"
     exchange_acceptance: list[float] | None = None
     all_replicas: str | None = None
-    work_dir: str | None = None
-    """The run's progress folder: resume an interrupted run, or extend a complete one, from it."""
-    run_wall_s: float | None = None
-    """Wall-clock of the whole run (:class:`~openmm_sbg.resume.RunClock`): each earlier call's to its last commit,
-    and this call's; None for a run begun before this was recorded."""
 
     def to_dict(self) -> dict:
+        """Every field, whatever the status (an interrupted run's rate and progress folder included)."""
         return dataclasses.asdict(self)
 
 
