@@ -118,7 +118,7 @@ def folded_summary(samples, reference, log_weights, system: str | None, independ
     """
     import mdtraj
 
-    from openmm_sbg import metrics, populations, systems
+    from openmm_sbg import metrics, systems
 
     if system not in systems.FOLDED_STRUCTURES:
         return None
@@ -128,17 +128,23 @@ def folded_summary(samples, reference, log_weights, system: str | None, independ
     def is_folded(traj) -> np.ndarray:
         return metrics.folded_ca_rmsd(traj, structure) <= metrics.FOLDED_CA_RMSD_NM
 
-    folded = is_folded(samples).astype(int)
-    if independent:
-        fractions, errors = populations.bootstrap_populations(folded, 2, log_weights)
-        error = float(errors[1])
-    else:
-        fractions, error = populations.state_populations(folded, 2, log_weights), None
+    fractions, errors = _populations_with_errors(is_folded(samples).astype(int), 2, log_weights, independent)
     summary = {"rule": f"C-alpha RMSD to {os.path.basename(path)} <= {metrics.FOLDED_CA_RMSD_NM} nm",
-               "samples": float(fractions[1]), "samples_bootstrap_error": error}
+               "samples": fractions[1], "samples_bootstrap_error": None if errors is None else errors[1]}
     if reference is not None:
         summary["reference"] = float(np.mean(is_folded(reference)))
     return summary
+
+
+def _populations_with_errors(labels, n_states: int, log_weights, independent: bool, seed: int = 0):
+    """Weighted populations of integer ``labels`` as a list, with bootstrap errors for independent samples and
+    None for correlated ones (SMC particles, resampled proposals), whose errors need repeated seeds."""
+    from openmm_sbg import populations
+
+    if not independent:
+        return populations.state_populations(labels, n_states, log_weights).tolist(), None
+    pops, errors = populations.bootstrap_populations(labels, n_states, log_weights, seed=seed)
+    return pops.tolist(), errors.tolist()
 
 
 def independent_samples(samples) -> bool:
@@ -173,12 +179,8 @@ def state_summary(samples, reference, log_weights, independent: bool) -> dict | 
     reference_labels = None if reference is None else labeller(reference.xyz)
     residues = []
     for r, name in enumerate(names):
-        if independent:
-            pops, errors = populations.bootstrap_populations(labels[:, r], n, log_weights, seed=r)
-            errors = errors.tolist()
-        else:
-            pops, errors = populations.state_populations(labels[:, r], n, log_weights), None
-        residue = {"residue": name, "samples": pops.tolist(), "samples_bootstrap_error": errors}
+        pops, errors = _populations_with_errors(labels[:, r], n, log_weights, independent, seed=r)
+        residue = {"residue": name, "samples": pops, "samples_bootstrap_error": errors}
         if reference_labels is not None:
             residue["reference"] = populations.state_populations(reference_labels[:, r], n).tolist()
         residues.append(residue)
