@@ -106,8 +106,10 @@ def test_sample_command_under_torchrun_writes_one_file_equal_to_one_process(two_
     assert cli.main(argv) == 0
     assert not (two_processes / "cli.h5.ckpt").exists()
     with h5py.File(two_processes / "cli.h5") as sharded, h5py.File(out) as single:
-        # The float32 flow may round differently for other batch splits; weights span ~1e5 kT.
-        np.testing.assert_allclose(sharded["log_weights"][()], single["log_weights"][()], rtol=1e-6)
+        # The float32 flow may round coordinates differently for other batch splits (atol 1e-6 nm below). This
+        # barely trained flow proposes clashes whose energies reach 1e11 kT, and a clash's r^-12 term multiplies
+        # a coordinate's relative rounding error by 12 or more: 3e-6 relative has been seen on one CPU.
+        np.testing.assert_allclose(sharded["log_weights"][()], single["log_weights"][()], rtol=1e-5)
         np.testing.assert_allclose(sharded["coordinates"][()], single["coordinates"][()], atol=1e-6)
 
 

@@ -93,13 +93,17 @@ def test_internal_model_log_z_from_is_and_smc_agree(ad2):
     assert abs(means["is"] - means["smc"]) < 3 * np.hypot(errors["is"], errors["smc"]) + 0.05, (estimates, errors)
 
 
-# ------------------------------------------------------------------ bit-identical draws
-# A fixed-seed draw of each shipped model, recorded once: its first rows in full and a sha256
-# of all of it (samples, their log q from sampling, and log q from scoring them again), so a
-# change to the flow's code that alters any sample or density by one bit fails here.
+# ------------------------------------------------------------------ fixed-seed draws
+# A fixed-seed draw of each shipped model, recorded once: its first rows in full (samples, their
+# log q from sampling, and log q from scoring them again) and the mean log q of the whole draw, so a
+# change to the flow's code that alters samples or densities fails here. Not bit for bit: float32
+# kernels round differently on other CPUs (AMD against Intel: up to 7e-6 nm and 2.4e-4 in log q
+# over these rows), so the tolerances are a few times that; scaling one of al4's parameter tensors by
+# 1.001 moves these rows by 7.6e-4 nm and 0.01 in log q.
 # Regenerate (only when a change of the numbers is intended): python tests/test_flow_shipped.py
 DRAWS_FILE = os.path.join(os.path.dirname(__file__), "data", "shipped_draws.npz")
 DRAW_SIZE, DRAW_ROWS_KEPT, DRAW_SEED = 256, 8, 1234
+POSITION_ATOL_NM, LOG_Q_ATOL = 5e-5, 5e-3
 
 
 def fixed_seed_draw(name: str) -> dict:
@@ -111,33 +115,27 @@ def fixed_seed_draw(name: str) -> dict:
     return {"x": x.numpy(), "log_q": log_q.numpy(), "log_prob": scored.numpy()}
 
 
-def draw_digest(draw: dict) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in ("x", "log_q", "log_prob"):
-        digest.update(draw[key].dtype.str.encode() + repr(draw[key].shape).encode() + draw[key].tobytes())
-    return digest.hexdigest()
+def recorded_form(draw: dict) -> dict:
+    """What the fixture keeps of a draw: its first rows, and its mean log q over every row."""
+    return {**{key: value[:DRAW_ROWS_KEPT] for key, value in draw.items()}, "log_q_mean": draw["log_q"].astype(float).mean()}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_model_draws_are_bit_identical_to_the_recorded_ones(name):
+def test_shipped_model_draws_match_the_recorded_ones(name):
     import numpy as np
 
     recorded = np.load(DRAWS_FILE)
-    draw = fixed_seed_draw(name)
-    for key in ("x", "log_q", "log_prob"):
-        np.testing.assert_array_equal(draw[key][:DRAW_ROWS_KEPT], recorded[f"{name}/{key}"], err_msg=key)
-    assert draw_digest(draw) == str(recorded[f"{name}/sha256"])
+    draw = recorded_form(fixed_seed_draw(name))
+    np.testing.assert_allclose(draw["x"], recorded[f"{name}/x"], rtol=0, atol=POSITION_ATOL_NM)
+    for key in ("log_q", "log_prob", "log_q_mean"):
+        np.testing.assert_allclose(draw[key], recorded[f"{name}/{key}"], rtol=0, atol=LOG_Q_ATOL, err_msg=key)
 
 
 if __name__ == "__main__":
     import numpy as np
 
-    torch.set_num_threads(1)  # as the tests run (conftest): the numbers must not depend on threading
+    torch.set_num_threads(1)  # as the tests run (conftest)
     arrays = {}
     for model in SHIPPED:
-        draw = fixed_seed_draw(model)
-        arrays.update({f"{model}/{key}": value[:DRAW_ROWS_KEPT] for key, value in draw.items()})
-        arrays[f"{model}/sha256"] = np.array(draw_digest(draw))
+        arrays.update({f"{model}/{key}": value for key, value in recorded_form(fixed_seed_draw(model)).items()})
     np.savez_compressed(DRAWS_FILE, **arrays)
