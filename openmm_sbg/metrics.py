@@ -131,16 +131,13 @@ FOLDED_CA_RMSD_NM = 0.2
 def folded_ca_rmsd(traj: mdtraj.Trajectory, folded: mdtraj.Trajectory) -> np.ndarray:
     """C-alpha RMSD (nm) of every frame of ``traj`` to ``folded`` (a structure of the same molecule), after
     optimal superposition."""
+    from openmm_sbg.flow.checkpoint import atom_identity  # the molecule's fingerprint, as checkpoints store it
+
     atoms = traj.topology.select("name CA")
-    if len(atoms) < 3 or _atom_labels(traj) != _atom_labels(folded):
+    if len(atoms) < 3 or atom_identity(traj.topology.to_openmm()) != atom_identity(folded.topology.to_openmm()):
         raise ValueError(f"the folded structure ({folded.n_atoms} atoms) is not a structure of this molecule "
                          f"({traj.n_atoms} atoms, {len(atoms)} C-alpha); give one with the same atoms in the same order")
     return mdtraj.rmsd(traj, folded, atom_indices=atoms).astype(float)
-
-
-def _atom_labels(traj: mdtraj.Trajectory) -> list[tuple[str, str]]:
-    """(residue name, atom name) of every atom, in order: what two structures of one molecule share."""
-    return [(atom.residue.name, atom.name) for atom in traj.topology.atoms]
 
 
 def chirality_dihedrals(traj: mdtraj.Trajectory) -> np.ndarray:
