@@ -37,7 +37,6 @@ def test_a_structure_of_another_molecule_is_refused(structures):
         metrics.folded_ca_rmsd(al4, folded)
 
 
-
 def test_a_structure_with_its_atoms_in_another_order_is_refused(structures):
     """Two atoms of one residue listed the other way round: the residue names still match atom by atom, the
     atom names do not."""
