@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--burn-in-ps", type=int, default=100, help="frames (1 ps apart) dropped at the start of each copy")
     parser.add_argument("--max-samples", type=int, default=10_000,
                         help="frames per set in T-W2 (larger sets are subsampled); default 10,000, the paper's")
+    parser.add_argument("--name", default=None,
+                        help="results/reference_check-NAME.json (default: the first file's name); a run drawn again "
+                             "under the same file name then keeps the first draw's report")
     args = parser.parse_args()
     runs, angles = zip(*(one_run(path, args.copies, args.burn_in_ps, args.max_samples) for path in args.files))
     report = {"runs": list(runs), "torus_w2_max_samples": args.max_samples}
@@ -70,7 +73,7 @@ def main() -> None:
         report["torus_w2_run_vs_run"] = metrics.torus_w2(angles[0], angles[1], max_samples=args.max_samples)
         report["torus_w2_run_vs_run_floor"] = random_halves_w2(np.concatenate(angles), args.max_samples)
     os.makedirs(RESULTS, exist_ok=True)
-    name = os.path.splitext(os.path.basename(args.files[0]))[0]
+    name = args.name or os.path.splitext(os.path.basename(args.files[0]))[0]
     with open(os.path.join(RESULTS, f"reference_check-{name}.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     print(json.dumps(report, indent=1))
