@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from openmm_sbg.io import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
@@ -62,13 +64,12 @@ def write_section(heading: str, body: str) -> None:
         text = pattern.sub(lambda _: section, text)
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
 
 
 def save_json(name: str, payload: dict) -> Path:
-    DATA.mkdir(parents=True, exist_ok=True)
     path = DATA / name
-    path.write_text(json.dumps(payload, indent=1, default=float))
+    atomic_write_text(path, json.dumps(payload, indent=1, default=float))
     return path
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import mdtraj
 import numpy as np
 import torch
+from _common import save_json
 from openmm import unit
 
 from openmm_sbg import metrics, populations, systems
@@ -30,8 +30,6 @@ from openmm_sbg.flow import TarFlow
 from openmm_sbg.flow.refine import importance_weights
 from openmm_sbg.shipped import flow_path, reference_path
 from openmm_sbg.smc.weights import normalised_ess, pareto_k
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def one_seed(flow, target, label, reference, reference_energies, seed: int, n: int, with_metrics: bool) -> dict:
@@ -83,9 +81,7 @@ def main() -> None:
     }
     for key in ("e_w2", "t_w2", "e_w2_common", "t_w2_common"):
         summary[key] = [r[key] for r in rows if key in r]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"ad2_basins-{args.temperature:g}K.json"), "w") as handle:
-        json.dump(summary, handle, indent=1, default=float)
+    save_json(f"ad2_basins-{args.temperature:g}K.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=float))
 
 

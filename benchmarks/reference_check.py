@@ -21,10 +21,9 @@ import os
 
 import mdtraj
 import numpy as np
+from _common import save_json
 
 from openmm_sbg import metrics, populations
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def one_run(path: str, copies: int, burn_in_frames: int, max_samples: int = 10_000) -> tuple[dict, np.ndarray]:
@@ -72,10 +71,8 @@ def main() -> None:
         report["z_first_minus_second"] = ((p[0] - p[1]) / np.sqrt(e[0] ** 2 + e[1] ** 2 + 1e-300)).tolist()
         report["torus_w2_run_vs_run"] = metrics.torus_w2(angles[0], angles[1], max_samples=args.max_samples)
         report["torus_w2_run_vs_run_floor"] = random_halves_w2(np.concatenate(angles), args.max_samples)
-    os.makedirs(RESULTS, exist_ok=True)
     name = args.name or os.path.splitext(os.path.basename(args.files[0]))[0]
-    with open(os.path.join(RESULTS, f"reference_check-{name}.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    save_json(f"reference_check-{name}.json", report)
     print(json.dumps(report, indent=1))
 
 
