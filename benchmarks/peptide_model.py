@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--flow", required=True, help="a shipped model's name or a checkpoint")
     parser.add_argument("--reference", required=True, help="held-out replica-exchange output (target temperature)")
     parser.add_argument("--copies", type=int, default=8, help="ladder copies of the reference run")
-    parser.add_argument("--burn-in-ps", type=int, default=100, help="frames dropped at the start of each reference copy")
+    parser.add_argument("--burn-in-ps", type=float, default=100,
+                        help="simulated time dropped at the start of each reference copy")
     parser.add_argument("--proposals", type=int, default=20000, help="importance-sampling proposals")
     parser.add_argument("--smc-particles", type=int, default=2000)
     parser.add_argument("--smc-steps", type=int, default=50)
@@ -186,7 +187,7 @@ def main() -> None:
             sampler.update(samples_scored=count, md_floor_torus_w2=floors[count])
     text = (f"Machine: {results['machine']}\n\nCommand: `{results['command']}`. Flow `{args.flow}`; reference "
             f"`{os.path.basename(args.reference)}`, all {reference['frames_used']:,} target-temperature frames after "
-            f"{args.burn_in_ps} ps of each of its {args.copies} copies for the populations (errors over copies), every "
+            f"{args.burn_in_ps:g} ps of each of its {args.copies} copies for the populations (errors over copies), every "
             f"frame for E-W2 and T-W2 (T-W2 on {args.max_samples:,} samples per set). IS populations carry bootstrap "
             "errors, SMC's the error over seeds; z is the difference in combined standard errors."
             + (f" MD at as many samples: `{results['md_floor']['run']}`, every frame, drawn down to the sampler's "

@@ -26,23 +26,37 @@ from _common import save_json
 from openmm_sbg import metrics, populations
 
 
-def one_run(path: str, copies: int, burn_in_frames: int, max_samples: int = 10_000) -> tuple[dict, np.ndarray]:
+def one_run(path: str, copies: int, burn_in_ps: float, max_samples: int = 10_000) -> tuple[dict, np.ndarray]:
     traj = mdtraj.load(path)
     if traj.n_frames % copies:
         raise SystemExit(f"{path}: {traj.n_frames} frames do not split into {copies} copies")
     names, labeller = populations.residue_state_labeller(traj.topology)
     per_copy = traj.n_frames // copies
+    burn_in_frames = int(round(burn_in_ps / frame_interval_ps(traj, path)))
+    if burn_in_frames >= per_copy:
+        raise SystemExit(f"{path}: a burn-in of {burn_in_ps:g} ps drops all {per_copy} frames of each copy; "
+                         "give a smaller --burn-in-ps")
     keep = np.concatenate([np.arange(c * per_copy + burn_in_frames, (c + 1) * per_copy) for c in range(copies)])
     labels = labeller(traj.xyz[keep]).reshape(copies, -1, len(names))
     shares = (labels[..., None] == np.arange(len(populations.BACKBONE_STATES))).mean(axis=1)  # [copy, residue, state]
     angles = metrics.backbone_dihedrals(traj[keep])
     half = len(angles) // 2
     return {
-        "file": path, "residues": names, "states": list(populations.BACKBONE_STATES), "frames_used": int(len(keep)),
+        "file": path, "residues": names, "states": list(populations.BACKBONE_STATES), "burn_in_ps": burn_in_ps,
+        "burn_in_frames": burn_in_frames, "frames_used": int(len(keep)),
         "populations": shares.mean(0).tolist(), "standard_errors": (shares.std(0, ddof=1) / np.sqrt(copies)).tolist(),
         "torus_w2_half_vs_half": metrics.torus_w2(angles[:half], angles[half:], max_samples=max_samples),
         "torus_w2_random_halves": random_halves_w2(angles, max_samples),
     }, angles
+
+
+def frame_interval_ps(traj: mdtraj.Trajectory, path: str) -> float:
+    """Picoseconds between stored frames, from the file's frame times (``openmm-sbg md`` writes them)."""
+    interval = float(traj.time[1] - traj.time[0]) if traj.n_frames > 1 else 0.0
+    if not interval > 0:
+        raise SystemExit(f"{path} stores no increasing frame times, so a burn-in in ps cannot be converted to frames; "
+                         "write the run with `openmm-sbg md`, which stores them")
+    return interval
 
 
 def random_halves_w2(angles: np.ndarray, max_samples: int, seed: int = 0) -> float:
@@ -56,7 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--copies", type=int, default=8, help="ladder copies (--walkers) of each run")
-    parser.add_argument("--burn-in-ps", type=int, default=100, help="frames (1 ps apart) dropped at the start of each copy")
+    parser.add_argument("--burn-in-ps", type=float, default=100,
+                        help="simulated time dropped at the start of each copy (converted to frames by the file's "
+                             "frame times)")
     parser.add_argument("--max-samples", type=int, default=10_000,
                         help="frames per set in T-W2 (larger sets are subsampled); default 10,000, the paper's")
     parser.add_argument("--name", default=None,
