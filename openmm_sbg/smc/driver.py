@@ -151,7 +151,12 @@ class SMCSampler:
             run = self._load_checkpoint(seed)
         else:
             run = self._start(seed)
-            self._save_checkpoint(run)
+            self._save_checkpoint(dataclasses.replace(run, earlier_seconds=time.perf_counter() - started))
+        earlier = run.earlier_seconds
+
+        def elapsed() -> float:
+            return earlier + time.perf_counter() - started
+
         bar = tqdm(
             total=0 if self.importance_sampling else self.schedule.max_steps,
             initial=run.step,
@@ -169,12 +174,12 @@ class SMCSampler:
                 bar.update(1)
                 bar.set_postfix(t=f"{run.t:.3f}", ess=f"{record.ess:.3f}")
                 if run.step % self.options.checkpoint_every == 0:
-                    self._save_checkpoint(run)
+                    self._save_checkpoint(dataclasses.replace(run, earlier_seconds=elapsed()))
         if self.importance_sampling:
             run = run.with_final_weights()
             if self.resampling.wants(run.final_ess, final=True):
                 run = dataclasses.replace(self.resampling.resample(run, generator), generator=generator.get_state())
-        return self._result(run, time.perf_counter() - started)
+        return self._result(run, elapsed())
 
     def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
         # Independent streams for the flow's draws (on the flow's device) and for the SMC's

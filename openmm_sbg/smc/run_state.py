@@ -64,6 +64,9 @@ class SMCRun:
     #: ESS and log Z of the weights at t = 1, before the final resampling.
     final_ess: float | None = None
     final_log_z: float | None = None
+    #: Wall-clock seconds of the calls before this one, up to the last checkpoint each saved: a
+    #: resumed run's ``info["seconds"]`` counts the whole run, not its last call alone.
+    earlier_seconds: float = 0.0
 
     def recorded(self, step: StepRecord) -> SMCRun:
         """This run with ``step`` appended to its diagnostics (new lists; this run is unchanged)."""
