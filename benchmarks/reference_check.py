@@ -52,7 +52,7 @@ def one_run(path: str, copies: int, burn_in_ps: float, max_samples: int = 10_000
 
 def frame_interval_ps(traj: mdtraj.Trajectory, path: str) -> float:
     """Picoseconds between stored frames, from the file's frame times (``openmm-sbg md`` writes them)."""
-    interval = float(traj.time[1] - traj.time[0]) if traj.n_frames > 1 else 0.0
+    interval = float(traj.timestep) if traj.n_frames > 1 else 0.0  # mdtraj refuses one frame
     if not interval > 0:
         raise SystemExit(f"{path} stores no increasing frame times, so a burn-in in ps cannot be converted to frames; "
                          "write the run with `openmm-sbg md`, which stores them")

@@ -1,4 +1,5 @@
-"""benchmarks/_common.py: a benchmark replaces its own RESULTS.md section and JSON, atomically, and no other."""
+"""Benchmark helpers: a benchmark replaces its own RESULTS.md section and JSON, atomically, and no other
+(benchmarks/_common.py); a reference's burn-in is simulated time (benchmarks/reference_check.py)."""
 
 import importlib.util
 import json

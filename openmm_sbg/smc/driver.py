@@ -147,16 +147,15 @@ class SMCSampler:
         checkpoint_path = self.options.checkpoint_path
         if resume and checkpoint_path is None:
             raise ValueError("resume=True needs checkpoint_path; pass the file the interrupted run wrote")
-        if resume and os.path.exists(checkpoint_path):
-            run = self._load_checkpoint(seed)
-        else:
-            run = self._start(seed)
-            self._save_checkpoint(dataclasses.replace(run, earlier_seconds=time.perf_counter() - started))
+        resuming = resume and os.path.exists(checkpoint_path)
+        run = self._load_checkpoint(seed) if resuming else self._start(seed)
         earlier = run.earlier_seconds
 
         def elapsed() -> float:
             return earlier + time.perf_counter() - started
 
+        if not resuming:
+            self._save_checkpoint(run, elapsed())
         bar = tqdm(
             total=0 if self.importance_sampling else self.schedule.max_steps,
             initial=run.step,
@@ -174,7 +173,7 @@ class SMCSampler:
                 bar.update(1)
                 bar.set_postfix(t=f"{run.t:.3f}", ess=f"{record.ess:.3f}")
                 if run.step % self.options.checkpoint_every == 0:
-                    self._save_checkpoint(dataclasses.replace(run, earlier_seconds=elapsed()))
+                    self._save_checkpoint(run, elapsed())
         if self.importance_sampling:
             run = run.with_final_weights()
             if self.resampling.wants(run.final_ess, final=True):
@@ -261,12 +260,13 @@ class SMCSampler:
         return float(min(run.diagnostics["ess"]))
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, run: SMCRun) -> None:
+    def _save_checkpoint(self, run: SMCRun, seconds: float) -> None:
+        """Save ``run`` with ``seconds``, the run's wall-clock so far, as its ``earlier_seconds``."""
         if self.options.checkpoint_path is None:
             return
         # Always all particles (the single-process form), so a run may resume however its
         # particles are split.
-        whole = dataclasses.replace(run, state=self._gather(run.state))
+        whole = dataclasses.replace(run, state=self._gather(run.state), earlier_seconds=seconds)
         if self._writes_output:
             with atomic_path(self.options.checkpoint_path) as tmp:
                 torch.save({"options": self.options.resume_key(), "run": whole.to_dict()}, tmp)
